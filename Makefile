@@ -1,0 +1,31 @@
+# Two commands do the work: `make book` and `make test`. Both create .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: book test bench venv clean lab
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[book,test]"
+	$(VPY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+book: $(STAMP)
+	$(VPY) -m usae.book build
+
+test: $(STAMP)
+	$(VPY) -m pytest
+
+bench: $(STAMP)
+	$(VPY) -m usae.bench
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab book/
+
+clean:
+	rm -rf _build book/_build

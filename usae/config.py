@@ -1,0 +1,361 @@
+"""Frozen, validated configuration dataclasses, the ``smoke``/``book``/``paper`` presets and a stable hash.
+
+Every artifact the book computes is keyed by the hash of the configuration it depends on, so a config is
+plain data: strings, numbers, booleans, ``None`` and tuples of those (or of nested configs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping
+
+PRESETS = ("smoke", "book", "paper")
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{owner}.{name} = {value!r} is not valid; {allowed}")
+
+
+def _positive_int(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(owner, name, value, "expected a positive integer")
+
+
+def _nonneg_int(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        _fail(owner, name, value, "expected an integer >= 0")
+
+
+def _positive_float(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        _fail(owner, name, value, "expected a number > 0")
+
+
+def _nonneg_float(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        _fail(owner, name, value, "expected a number >= 0")
+
+
+def _choice(owner: str, name: str, value: Any, options: Iterable[Any]) -> None:
+    options = tuple(options)
+    if value not in options:
+        _fail(owner, name, value, f"expected one of {list(options)}")
+
+
+class _Config:
+    """Mixin: ``to_dict``, ``from_dict``, ``replace`` and a stable content ``hash``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def hash(self, length: int = 10) -> str:
+        """Hex digest of the canonical JSON of this config (same content -> same hash, across runs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Inverse of ``to_dict``; unknown keys are an error naming the key and the valid ones."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+        kwargs = {}
+        for name, value in data.items():
+            sub = _NESTED.get((cls.__name__, name))
+            if sub is not None and isinstance(value, Mapping):
+                value = sub.from_dict(value)
+            elif sub is not None and isinstance(value, (list, tuple)):
+                value = tuple(sub.from_dict(v) if isinstance(v, Mapping) else sub.coerce(v) for v in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToyWorldConfig(_Config):
+    """The procedural world: image side in pixels, common token grid side, objects per image, seed."""
+
+    image_size: int = 64
+    grid: int = 8
+    min_objects: int = 1
+    max_objects: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = "ToyWorldConfig"
+        _positive_int(o, "image_size", self.image_size)
+        _positive_int(o, "grid", self.grid)
+        if self.image_size % self.grid:
+            _fail(o, "grid", self.grid, f"expected a divisor of image_size={self.image_size}")
+        _positive_int(o, "min_objects", self.min_objects)
+        _positive_int(o, "max_objects", self.max_objects)
+        if self.max_objects < self.min_objects:
+            _fail(o, "max_objects", self.max_objects, f"expected >= min_objects={self.min_objects}")
+        _nonneg_int(o, "seed", self.seed)
+
+
+@dataclass(frozen=True)
+class ZooTrainConfig(_Config):
+    """Training of the toy model zoo: which toy models, how many images and optimisation steps."""
+
+    models: tuple[str, ...] = ("toy_vit", "toy_convnext", "toy_mixer")
+    n_train_images: int = 6000
+    n_val_images: int = 1000
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = "ZooTrainConfig"
+        if not isinstance(self.models, tuple) or not self.models or len(set(self.models)) != len(self.models):
+            _fail(o, "models", self.models, "expected a non-empty tuple of distinct toy model names")
+        for name in ("n_train_images", "n_val_images", "steps", "batch_size"):
+            _positive_int(o, name, getattr(self, name))
+        _positive_float(o, "lr", self.lr)
+        _nonneg_int(o, "seed", self.seed)
+
+
+@dataclass(frozen=True)
+class BackboneSpec(_Config):
+    """One backbone of the experiment: a ``usae.zoo`` name, the block to read and whether to load weights.
+
+    ``layer=None`` reads the final block output after the final norm (the paper's setting); an int reads the
+    output of that block (negative indices count from the end).
+    """
+
+    name: str
+    layer: int | None = None
+    pretrained: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            _fail("BackboneSpec", "name", self.name, "expected a non-empty model name from usae.zoo")
+        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
+            _fail("BackboneSpec", "layer", self.layer, "expected None (final layer) or a block index")
+        if not isinstance(self.pretrained, bool):
+            _fail("BackboneSpec", "pretrained", self.pretrained, "expected True or False")
+
+    @classmethod
+    def coerce(cls, value: "str | BackboneSpec | Mapping[str, Any]") -> "BackboneSpec":
+        if isinstance(value, BackboneSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise ValueError(f"BackboneSpec: cannot make a backbone from {value!r}; give a name or a mapping")
+
+
+@dataclass(frozen=True)
+class ExtractConfig(_Config):
+    """Extraction into the activation store.
+
+    ``standardize``: ``"scalar"`` (the paper: one mean and std per model), ``"channel"`` or ``"none"``;
+    the statistics come from the first ``n_stats_images`` training images.
+    """
+
+    n_train_images: int = 3000
+    n_val_images: int = 500
+    grid: int = 8
+    dtype: str = "float16"
+    standardize: str = "scalar"
+    n_stats_images: int = 1000
+    batch_size: int = 64
+    image_size: int = 64
+
+    def __post_init__(self) -> None:
+        o = "ExtractConfig"
+        for name in ("n_train_images", "n_val_images", "grid", "n_stats_images", "batch_size", "image_size"):
+            _positive_int(o, name, getattr(self, name))
+        _choice(o, "dtype", self.dtype, ("float16", "float32"))
+        _choice(o, "standardize", self.standardize, ("scalar", "channel", "none"))
+
+
+@dataclass(frozen=True)
+class USAEConfig(_Config):
+    """Shape of the universal SAE: code width (``None``: ``expansion`` x the widest model), TopK, encoder."""
+
+    n_latents: int | None = None
+    expansion: int = 8
+    k: int = 32
+    encoder: str = "batchnorm"
+
+    def __post_init__(self) -> None:
+        o = "USAEConfig"
+        if self.n_latents is not None:
+            _positive_int(o, "n_latents", self.n_latents)
+            if self.k > self.n_latents:
+                _fail(o, "k", self.k, f"expected k <= n_latents={self.n_latents}")
+        _positive_int(o, "expansion", self.expansion)
+        _positive_int(o, "k", self.k)
+        _choice(o, "encoder", self.encoder, ("batchnorm", "linear"))
+
+    def width(self, dims: Mapping[str, int]) -> int:
+        """The code width m for models of these widths."""
+        m = self.n_latents if self.n_latents is not None else self.expansion * max(dims.values())
+        if self.k > m:
+            _fail("USAEConfig", "k", self.k, f"expected k <= n_latents={m}")
+        return m
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """The USAE trainer (defaults follow the paper and its official code; see the discrepancies appendix).
+
+    ``batch_size`` counts tokens (rows); ``update``: ``"paper"`` steps only the selected model's encoder and
+    decoder, ``"joint"`` the selected encoder and all decoders; ``schedule``: ``"global"`` drives warmup +
+    cosine by the global step, ``"per_model"`` reproduces the official code (each scheduler stepped only when
+    its model is picked).
+    """
+
+    steps: int = 1000
+    batch_size: int = 6272
+    lr: float = 3e-4
+    final_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    loss: str = "l1"
+    aux: str = "official"
+    aux_coef: float = 0.1
+    auxk_k: int = 512
+    dead_after_tokens: int = 10_000_000
+    update: str = "paper"
+    schedule: str = "global"
+    seed: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        o = "TrainConfig"
+        for name in ("steps", "batch_size", "auxk_k", "dead_after_tokens", "log_every"):
+            _positive_int(o, name, getattr(self, name))
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            _nonneg_int(o, name, getattr(self, name))
+        _positive_float(o, "lr", self.lr)
+        _positive_float(o, "final_lr", self.final_lr)
+        _nonneg_float(o, "weight_decay", self.weight_decay)
+        _nonneg_float(o, "grad_clip", self.grad_clip)
+        _nonneg_float(o, "aux_coef", self.aux_coef)
+        _choice(o, "loss", self.loss, ("l1", "l2"))
+        _choice(o, "aux", self.aux, ("official", "auxk", "none"))
+        _choice(o, "update", self.update, ("paper", "joint"))
+        _choice(o, "schedule", self.schedule, ("global", "per_model"))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(_Config):
+    """Everything one run of the book depends on.
+
+    ``source`` is ``"toy"`` (the embedded world; backbones are the toy zoo, trained on first use) or the
+    path of an image folder (backbones are real ``usae.zoo`` models).
+    """
+
+    name: str = "book"
+    source: str = "toy"
+    backbones: tuple[BackboneSpec, ...] = ()
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    zoo: ZooTrainConfig = field(default_factory=ZooTrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    usae: USAEConfig = field(default_factory=USAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        o = "ExperimentConfig"
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            _fail(o, "name", self.name, "expected a non-empty name without '/'")
+        if not isinstance(self.source, str) or not self.source:
+            _fail(o, "source", self.source, "expected 'toy' or the path of an image folder")
+        specs = tuple(BackboneSpec.coerce(b) for b in self.backbones)
+        if not specs and self.source == "toy":
+            specs = tuple(BackboneSpec(n, pretrained=False) for n in self.zoo.models)
+        if not specs:
+            _fail(o, "backbones", self.backbones, "expected at least one backbone for an image folder")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            _fail(o, "backbones", names, "expected distinct backbone names")
+        object.__setattr__(self, "backbones", specs)
+        if self.source == "toy":
+            missing = [n for n in names if n not in self.zoo.models]
+            if missing:
+                _fail(o, "backbones", names, f"the toy world's backbones come from zoo.models={list(self.zoo.models)}")
+            if self.extract.grid != self.toy.grid or self.extract.image_size != self.toy.image_size:
+                _fail(o, "extract", (self.extract.grid, self.extract.image_size),
+                      f"toy world needs extract.grid={self.toy.grid}, extract.image_size={self.toy.image_size}")
+        _choice(o, "device", self.device, ("cpu", "cuda", "auto"))
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.backbones)
+
+
+_NESTED: dict[tuple[str, str], Any] = {
+    ("ExperimentConfig", "backbones"): BackboneSpec,
+    ("ExperimentConfig", "toy"): ToyWorldConfig,
+    ("ExperimentConfig", "zoo"): ZooTrainConfig,
+    ("ExperimentConfig", "extract"): ExtractConfig,
+    ("ExperimentConfig", "usae"): USAEConfig,
+    ("ExperimentConfig", "train"): TrainConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+PAPER_BACKBONES = ("dinov2_vits14", "siglip_vitb16", "vit_b16")
+
+
+def preset(name: str, **overrides: Any) -> ExperimentConfig:
+    """The named preset, with top-level fields replaced by ``overrides``.
+
+    ``smoke``: seconds, for tests. ``book``: the default, minutes on 2 CPU cores. ``paper``: the paper's
+    setting (three pretrained backbones, ImageNet, a GPU); ``source`` must then name the image folder.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset = {name!r} is not valid; expected one of {list(PRESETS)}")
+    if name == "smoke":
+        cfg = ExperimentConfig(
+            name="smoke",
+            zoo=ZooTrainConfig(n_train_images=512, n_val_images=128, steps=40, batch_size=32),
+            extract=ExtractConfig(n_train_images=96, n_val_images=32, n_stats_images=64, batch_size=32),
+            usae=USAEConfig(n_latents=256, k=8),
+            train=TrainConfig(steps=40, batch_size=512, warmup_steps=5, log_every=5),
+        )
+    elif name == "book":
+        cfg = ExperimentConfig(
+            name="book",
+            usae=USAEConfig(n_latents=1024, k=16),
+            train=TrainConfig(steps=1500, batch_size=1024, warmup_steps=100),
+        )
+    else:
+        cfg = ExperimentConfig(
+            name="paper",
+            source="imagenet",
+            backbones=tuple(BackboneSpec(n) for n in PAPER_BACKBONES),
+            extract=ExtractConfig(n_train_images=1_281_167, n_val_images=50_000, grid=14, dtype="float16",
+                                  n_stats_images=1000, batch_size=128, image_size=224),
+            usae=USAEConfig(n_latents=None, expansion=8, k=32),
+            train=TrainConfig(steps=1_201_094, batch_size=6272, warmup_steps=40_036, checkpoint_every=10_000,
+                              log_every=100),
+            device="auto",
+        )
+    return cfg.replace(**overrides) if overrides else cfg

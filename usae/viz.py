@@ -1,0 +1,133 @@
+"""Plotly figures for the book. Figures only draw what they are given; statistics are computed elsewhere.
+
+``setup_notebook()`` makes plotly figures visible both in JupyterLab (interactive mime type) and in the
+static book (an HTML div that uses the locally vendored ``plotly.min.js``; no CDN).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io._base_renderers import HtmlRenderer
+from plotly.subplots import make_subplots
+
+BOOK_RENDERER = "usae_book_html"
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def setup_notebook() -> None:
+    """Register the book's HTML renderer and make ``plotly_mimetype+usae_book_html`` the default."""
+    if BOOK_RENDERER not in pio.renderers:
+        pio.renderers[BOOK_RENDERER] = HtmlRenderer(connected=False, full_html=False, include_plotlyjs=False)
+    pio.renderers.default = f"plotly_mimetype+{BOOK_RENDERER}"
+    pio.templates.default = "plotly_white"
+
+
+def _to_uint8(images) -> np.ndarray:
+    """[N, 3, H, W] float in [0, 1] (tensor or array) -> [N, H, W, 3] uint8."""
+    arr = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ValueError(f"images: expected shape [N, 3, H, W], got {list(arr.shape)}")
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def image_grid(images, titles: Sequence[str] | None = None, cols: int = 8, size: int = 110,
+               title: str | None = None) -> go.Figure:
+    """A grid of images. ``images``: [N, 3, H, W] floats in [0, 1]."""
+    pix = _to_uint8(images)
+    n = len(pix)
+    rows = (n + cols - 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles) if titles else None,
+                        horizontal_spacing=0.01, vertical_spacing=0.06 if titles else 0.01)
+    for i, img in enumerate(pix):
+        fig.add_trace(go.Image(z=img), row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(width=cols * size + 40, height=rows * (size + (18 if titles else 0)) + 60,
+                      margin=dict(l=10, r=10, t=50 if title else 30, b=10), title=title)
+    if titles:
+        fig.update_annotations(font_size=10)
+    return fig
+
+
+def label_maps(image, maps: Mapping[str, np.ndarray], names: Mapping[str, Sequence[str]],
+               title: str | None = None) -> go.Figure:
+    """One image beside its per-patch label maps. ``maps[f]``: [G, G] ints (-1 = absent); ``names[f]``: values."""
+    pix = _to_uint8(image[None] if getattr(image, "ndim", 0) == 3 else image)[0]
+    fig = make_subplots(rows=1, cols=1 + len(maps), subplot_titles=["image", *maps.keys()],
+                        horizontal_spacing=0.03)
+    fig.add_trace(go.Image(z=pix), row=1, col=1)
+    for c, (factor, grid) in enumerate(maps.items(), start=2):
+        grid = np.asarray(grid)
+        text = [[names[factor][v] if v >= 0 else "·" for v in row] for row in grid]
+        fig.add_trace(go.Heatmap(z=grid, text=text, texttemplate="%{text}", textfont=dict(size=8),
+                                 colorscale="Turbo", showscale=False, zmin=-1,
+                                 zmax=max(len(names[factor]) - 1, 0)), row=1, col=c)
+        fig.update_yaxes(autorange="reversed", row=1, col=c)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(width=230 * (1 + len(maps)), height=290, margin=dict(l=10, r=10, t=60, b=10), title=title)
+    return fig
+
+
+def bars_with_chance(values: Mapping[str, float], chance: Mapping[str, float], title: str,
+                     yaxis: str = "score") -> go.Figure:
+    """Bars of a score per item with a marker at each item's chance level."""
+    keys = list(values)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=keys, y=[values[k] for k in keys], name="held-out score", marker_color=PALETTE[0],
+                         text=[f"{values[k]:.2f}" for k in keys], textposition="outside"))
+    fig.add_trace(go.Scatter(x=keys, y=[chance[k] for k in keys], mode="markers", name="chance",
+                             marker=dict(symbol="line-ew-open", size=30, line=dict(width=3, color="black"))))
+    fig.update_layout(title=title, yaxis=dict(title=yaxis, range=[0, 1.1]), height=380,
+                      margin=dict(l=50, r=20, t=60, b=80))
+    return fig
+
+
+def heatmaps(maps: Mapping[str, np.ndarray], title: str | None = None, colorscale: str = "Viridis",
+             shared_scale: bool = True) -> go.Figure:
+    """Side-by-side heatmaps (e.g. a channel before and after grid resampling); one colour scale if shared."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in maps.items()}
+    lo = min(a.min() for a in arrays.values()) if shared_scale else None
+    hi = max(a.max() for a in arrays.values()) if shared_scale else None
+    fig = make_subplots(rows=1, cols=len(arrays), subplot_titles=list(arrays), horizontal_spacing=0.06)
+    for c, a in enumerate(arrays.values(), start=1):
+        fig.add_trace(go.Heatmap(z=a, colorscale=colorscale, zmin=lo, zmax=hi, showscale=c == len(arrays)),
+                      row=1, col=c)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{c if c > 1 else ''}", row=1, col=c)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(width=320 * len(arrays) + 80, height=360, title=title, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def histograms(samples: Mapping[str, np.ndarray], title: str, xaxis: str = "value", nbins: int = 60,
+               log_y: bool = False) -> go.Figure:
+    """Overlaid histograms of 1-D samples, one trace per key."""
+    fig = go.Figure()
+    for i, (name, values) in enumerate(samples.items()):
+        fig.add_trace(go.Histogram(x=np.asarray(values).ravel(), name=name, nbinsx=nbins, opacity=0.6,
+                                   marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(barmode="overlay", title=title, xaxis_title=xaxis, yaxis_title="count", height=380,
+                      yaxis_type="log" if log_y else None, margin=dict(l=50, r=20, t=60, b=50))
+    return fig
+
+
+def table(rows: Sequence[Mapping[str, object]], title: str | None = None, height: int | None = None) -> go.Figure:
+    """A plotly table from a list of dicts with the same keys (numbers shown with 4 significant digits)."""
+    if not rows:
+        raise ValueError("table: expected at least one row")
+    keys = list(rows[0])
+
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r[k]) for r in rows] for k in keys]
+    fig = go.Figure(go.Table(header=dict(values=keys, fill_color="#dde6f0", align="left"),
+                             cells=dict(values=cells, align="left")))
+    fig.update_layout(title=title, height=height or 70 + 30 * len(rows) + (40 if title else 0),
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    return fig
