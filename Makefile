@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+# torch's OpenMP threads spin-wait by default, which makes small ops 10x slower on a busy 2-core machine
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: book test bench venv clean lab
 

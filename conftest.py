@@ -11,3 +11,4 @@ os.environ.setdefault("USAE_PRESET", "smoke")
 if "USAE_RUNS" not in os.environ:
     os.environ["USAE_RUNS"] = tempfile.mkdtemp(prefix="usae-test-runs-")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no OpenMP spin-waiting

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from usae.config import ExperimentConfig, preset
 from usae.paths import runs_dir
 
@@ -121,19 +123,14 @@ class Experiment:
 
     # -- activations --------------------------------------------------------------------------------------
     def image_sources(self) -> dict:
-        """``split -> image source`` for extraction: the toy world's splits, or an image folder's train/val."""
-        from usae import extract
-
+        """``split -> ImageSource`` for extraction: the toy world's splits (with per-patch truth), or an
+        image folder's ``train``/``val`` (subfolders if present, else a seeded split of one folder)."""
         cfg = self.config.extract
         if self.is_toy:
-            w = self.world
-            return {
-                "train": extract.ToySplit(w, "train", cfg.n_train_images),
-                "val": extract.ToySplit(w, "val", cfg.n_val_images),
-                "ood_combos": extract.ToySplit(w, "ood_combos", cfg.n_val_images),
-                "ood_textures": extract.ToySplit(w, "ood_textures", cfg.n_val_images),
-            }
-        return extract.folder_splits(Path(self.config.source), cfg)
+            return {split: toy_source(self.world, split, n) for split, n in (
+                ("train", cfg.n_train_images), ("val", cfg.n_val_images),
+                ("ood_combos", cfg.n_val_images), ("ood_textures", cfg.n_val_images))}
+        return folder_sources(Path(self.config.source), cfg.image_size, cfg.n_val_images)
 
     def store(self):
         """The ``ActivationStore`` of every backbone over every split (extracted on first use)."""
@@ -141,7 +138,7 @@ class Experiment:
             from usae.extract import extract_store
             from usae.store import ActivationStore
 
-            key = self._key("source", "backbones", "extract", *(("toy", "zoo") if self.is_toy else ()))
+            key = self._acts_key()
 
             def build(tmp: Path) -> None:
                 extract_store(self.backbones(), self.image_sources(), self.config.extract, tmp / "store",
@@ -150,3 +147,88 @@ class Experiment:
             folder = self.artifact("acts", key, build)
             self._cache["store"] = ActivationStore.open(folder / "store", expect_meta={"key": _stable_hash(key)})
         return self._cache["store"]
+
+    # -- universal and independent SAEs ---------------------------------------------------------------------
+    def _acts_key(self) -> dict[str, Any]:
+        return self._key("source", "backbones", "extract", *(("toy", "zoo") if self.is_toy else ()))
+
+    def _trained(self, stage: str, names: tuple[str, ...], changes: dict[str, Any]) -> Path:
+        from usae.model import UniversalSAE
+        from usae.train import Trainer
+
+        train_cfg = self.config.train.replace(**changes)
+        key = {"acts": self._acts_key(), "models": list(names), "usae": self.config.usae.to_dict(),
+               "train": train_cfg.to_dict()}
+
+        def build(tmp: Path) -> None:
+            store = self.store()
+            dims = {n: store.dims[n] for n in names}
+            usae_cfg = self.config.usae
+            torch.manual_seed(train_cfg.seed)
+            model = UniversalSAE(dims, usae_cfg.width(self.store().dims), usae_cfg.k, encoder=usae_cfg.encoder)
+            for n in names:
+                model.set_standardisation(n, store.stats[n].mean, store.stats[n].std)
+            started = time.perf_counter()
+            history = Trainer(model, train_cfg, progress=self.progress).fit(store)
+            history["seconds"] = time.perf_counter() - started
+            model.save(tmp / "model.safetensors")
+            (tmp / "history.json").write_text(json.dumps(history))
+
+        return self.artifact(stage, key, build)
+
+    def usae(self, **train_changes: Any):
+        """The ``UniversalSAE`` trained on the store's train split (eval mode); ``train_changes`` replace
+        fields of the config's ``TrainConfig`` (e.g. ``update="joint"``), each variant cached separately."""
+        from usae.model import UniversalSAE
+
+        folder = self._trained("usae", self.config.model_names, train_changes)
+        return UniversalSAE.load(folder / "model.safetensors").eval()
+
+    def usae_history(self, **train_changes: Any) -> dict[str, Any]:
+        """The training history of ``usae(**train_changes)``: per-step losses, logged R² matrices, dead latents."""
+        folder = self._trained("usae", self.config.model_names, train_changes)
+        return json.loads((folder / "history.json").read_text())
+
+    def independent_sae(self, name: str, **train_changes: Any):
+        """A single-model SAE of backbone ``name``: the same class (M = 1), width, k and recipe as the USAE."""
+        from usae.model import UniversalSAE
+
+        if name not in self.config.model_names:
+            raise ValueError(f"independent_sae: name = {name!r} is not valid; expected one of "
+                             f"{list(self.config.model_names)}")
+        folder = self._trained("sae", (name,), train_changes)
+        return UniversalSAE.load(folder / "model.safetensors").eval()
+
+
+TRUTH_FACTORS = ("shape", "color", "texture", "bg_color", "object")
+
+
+def toy_source(world, split: str, n_images: int):
+    """An ``ImageSource`` over the first ``n_images`` of a toy-world split, yielding per-patch truth labels."""
+    from usae.extract import ImageSource
+
+    def load(start: int, count: int):
+        batch = world.batch(split, start, count)
+        return batch.images, {f: batch.patch_labels[f] for f in TRUTH_FACTORS}
+
+    return ImageSource(n_images, load)
+
+
+def folder_sources(root: Path, image_size: int, n_val: int) -> dict:
+    """``train``/``val`` sources of an image folder. With ``train/`` and ``val/`` subfolders (ImageNet's
+    layout) those are used, the training images in a seeded random order so that the first images (used
+    for standardisation statistics) are a random sample; otherwise the folder's images are shuffled
+    (seeded) and the first ``n_val`` become ``val``."""
+    from usae.extract import ImageFolder, ImageSource, as_source
+
+    if not root.is_dir():
+        raise ValueError(f"source = {str(root)!r} is not a folder of images; give 'toy' or an existing folder")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return {"train": as_source(ImageFolder(root / "train", image_size=image_size, shuffle=True, seed=0)),
+                "val": as_source(ImageFolder(root / "val", image_size=image_size))}
+    folder = ImageFolder(root, image_size=image_size, shuffle=True, seed=0)
+    if len(folder) < 2:
+        raise ValueError(f"{root} holds {len(folder)} image(s); need at least 2 to split into train and val")
+    n_val = min(n_val, len(folder) // 2)
+    return {"val": ImageSource(n_val, lambda s, c: folder.load(range(s, s + c))),
+            "train": ImageSource(len(folder) - n_val, lambda s, c: folder.load(range(n_val + s, n_val + s + c)))}

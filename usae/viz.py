@@ -131,3 +131,82 @@ def table(rows: Sequence[Mapping[str, object]], title: str | None = None, height
     fig.update_layout(title=title, height=height or 70 + 30 * len(rows) + (40 if title else 0),
                       margin=dict(l=10, r=10, t=40 if title else 10, b=10))
     return fig
+
+
+# ---------------------------------------------------------------------------------------- training, R² figures
+def lines(series: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, xaxis: str, yaxis: str,
+          log_y: bool = False, height: int = 380) -> go.Figure:
+    """One line per key: ``series[name] = (x, y)``."""
+    fig = go.Figure()
+    for i, (name, (x, y)) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=np.asarray(x), y=np.asarray(y), mode="lines", name=name,
+                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height,
+                      yaxis_type="log" if log_y else None, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def r2_heatmap(matrix, names: Sequence[str], title: str = "Cross-model R² (row: encoder, column: decoder)",
+               zmin: float | None = None, zmax: float = 1.0) -> go.Figure:
+    """The M x M R² matrix as an annotated heatmap (row i = encoder i, column j = decoder j)."""
+    z = np.asarray(matrix, dtype=np.float64)
+    fig = go.Figure(go.Heatmap(z=z, x=[f"decode → {n}" for n in names], y=[f"encode {n}" for n in names],
+                               text=[[f"{v:.3f}" for v in row] for row in z], texttemplate="%{text}",
+                               colorscale="Viridis", zmin=zmin if zmin is not None else min(0.0, z.min()), zmax=zmax))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, width=160 * len(names) + 260, height=130 * len(names) + 140,
+                      margin=dict(l=140, r=20, t=60, b=60))
+    return fig
+
+
+def grouped_bars(values: Mapping[str, Mapping[str, float]], title: str, yaxis: str = "R²",
+                 yrange: tuple[float, float] | None = None) -> go.Figure:
+    """Grouped bars: ``values[series][group]`` (e.g. series = USAE / independent SAE, group = model)."""
+    fig = go.Figure()
+    for i, (series, by_group) in enumerate(values.items()):
+        groups = list(by_group)
+        fig.add_trace(go.Bar(x=groups, y=[by_group[g] for g in groups], name=series,
+                             marker_color=PALETTE[i % len(PALETTE)],
+                             text=[f"{by_group[g]:.3f}" for g in groups], textposition="outside"))
+    fig.update_layout(barmode="group", title=title, yaxis=dict(title=yaxis, range=yrange), height=400,
+                      margin=dict(l=60, r=20, t=60, b=60))
+    return fig
+
+
+def update_rule_diagram(names: Sequence[str], selected: int = 0, update: str = "paper") -> go.Figure:
+    """The USAE training step as a diagram: model ``selected`` is encoded into the shared code Z, which is
+    decoded into every model; boxes drawn bold are the parameters that take an optimiser step."""
+    m = len(names)
+    fig = go.Figure()
+    ys = np.linspace(0.85, 0.15, m) if m > 1 else np.array([0.5])
+
+    def box(x: float, y: float, text: str, stepped: bool, active: bool = True) -> None:
+        colour = PALETTE[0] if stepped else ("#888888" if active else "#cccccc")
+        fig.add_shape(type="rect", x0=x - 0.08, x1=x + 0.08, y0=y - 0.06, y1=y + 0.06,
+                      line=dict(color=colour, width=4 if stepped else 1.5),
+                      fillcolor="#e8f0fa" if stepped else "white")
+        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font=dict(size=12))
+
+    def arrow(x0: float, y0: float, x1: float, y1: float, active: bool) -> None:
+        fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
+                           arrowhead=3, arrowwidth=2 if active else 1, arrowcolor="#333" if active else "#ccc")
+
+    for i, (name, y) in enumerate(zip(names, ys)):
+        box(0.08, y, f"A<sup>({name})</sup>", False, active=i == selected)
+        box(0.30, y, f"Ψ<sup>({name})</sup>", stepped=i == selected, active=i == selected)
+        box(0.72, y, f"D<sup>({name})</sup>", stepped=(i == selected) or update == "joint")
+        box(0.93, y, f"Â<sup>({name})</sup>", False)
+        arrow(0.16, y, 0.22, y, i == selected)
+        arrow(0.80, y, 0.85, y, True)
+    fig.add_shape(type="rect", x0=0.45, x1=0.57, y0=0.1, y1=0.9, line=dict(color="#555", width=2),
+                  fillcolor="#f6f6f6")
+    fig.add_annotation(x=0.51, y=0.5, text="shared<br>sparse<br>code Z<br>(TopK)", showarrow=False)
+    arrow(0.38, ys[selected], 0.45, 0.5, True)
+    for y in ys:
+        arrow(0.57, 0.5, 0.64, y, True)
+    stepped = "its encoder and decoder" if update == "paper" else "its encoder and every decoder"
+    fig.update_layout(title=f"One training step: model '{names[selected]}' is picked; the loss sums all "
+                            f"{m} reconstructions; {stepped} (bold) take a step",
+                      xaxis=dict(visible=False, range=[0, 1.02]), yaxis=dict(visible=False, range=[0, 1]),
+                      width=900, height=120 + 110 * m, margin=dict(l=10, r=10, t=60, b=10), showlegend=False)
+    return fig

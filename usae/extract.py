@@ -1,0 +1,349 @@
+"""From images to the activation store: token grids, image sources, standardisation, extraction.
+
+``extract_store`` runs several backbones over the same images, resamples every model's tokens to one common
+grid (antialiased bilinear, e.g. DINOv2's 16x16 -> 14x14), standardises them per model and writes them
+row-aligned into an :class:`~usae.store.ActivationStore`.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import ExtractConfig
+from .store import STANDARDIZE_MODES, ActivationStore, Standardisation, StoreWriter, _plain_json
+
+__all__ = ["resample_grid", "ImageFolder", "ImageSource", "as_source", "Standardisation",
+           "fit_standardisation", "extract_store", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# ------------------------------------------------------------------------------------------------ grids
+def resample_grid(tokens: Tensor, grid: int) -> Tensor:
+    """``tokens [B, h, w, D]`` -> ``[B, grid, grid, D]`` by bilinear interpolation with antialias
+    (``F.interpolate``, ``align_corners=False``); the identity when ``h == w == grid``."""
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid <= 0:
+        raise ValueError(f"grid = {grid!r} is not valid; expected a positive integer")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 4:
+        raise ValueError(f"tokens of shape {getattr(tokens, 'shape', None)} are not valid; expected [B, h, w, D]")
+    if tokens.shape[1] == grid and tokens.shape[2] == grid:
+        return tokens
+    maps = tokens.permute(0, 3, 1, 2)  # a channels-last view: no copy
+    out = F.interpolate(maps.float(), size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
+    return out.permute(0, 2, 3, 1)
+
+
+# ------------------------------------------------------------------------------------------------ images
+class ImageFolder:
+    """All images under ``root`` (recursive, sorted paths; files with other extensions are ignored).
+
+    ``image_size``: resize every image to ``image_size x image_size`` (bicubic with antialias, squash: no
+    crop); ``None`` keeps the native size, which must then be the same for all images. ``shuffle``: a
+    seeded permutation of the sorted paths (so that "the first n images" is a random sample, as the paper's
+    standardisation statistics need for class-sorted folders such as ImageNet).
+    """
+
+    def __init__(self, root: str | Path, image_size: int | None = None, shuffle: bool = False,
+                 seed: int = 0, workers: int = 4) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {str(self.root)!r} does not exist or is not a folder")
+        if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
+            raise ValueError(f"image_size = {image_size!r} is not valid; expected None or a positive integer")
+        files = [p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        paths = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise ValueError(f"image folder {str(self.root)!r} has no images (found {len(files)} other files); "
+                             f"expected files ending in {list(IMAGE_EXTENSIONS)}")
+        if shuffle:
+            paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+        self.paths: list[Path] = paths
+        self.image_size = image_size
+        self.workers = max(1, int(workers))
+        self._size: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if self.image_size is not None and im.size != (self.image_size, self.image_size):
+                    im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+                return np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError(f"{str(path)!r} is not a readable image ({type(exc).__name__}: {exc})") from None
+
+    def load(self, indices: Sequence[int] | range) -> Tensor:
+        """Images ``indices`` as float ``[N, 3, S, S]`` in [0, 1] (decoded in a few threads)."""
+        indices = list(indices)
+        for i in indices:
+            if not isinstance(i, (int, np.integer)) or not 0 <= i < len(self.paths):
+                raise ValueError(f"image index {i!r} is out of range; the folder has {len(self.paths)} images")
+        paths = [self.paths[i] for i in indices]
+        if self.workers > 1 and len(paths) > 1:
+            with ThreadPoolExecutor(min(self.workers, len(paths))) as pool:
+                arrays = list(pool.map(self._read, paths))
+        else:
+            arrays = [self._read(p) for p in paths]
+        for p, a in zip(paths, arrays):
+            if self._size is None:
+                self._size, self._first = a.shape[:2], p
+            elif a.shape[:2] != self._size:
+                raise ValueError(f"images have different sizes: {str(self._first)!r} is {self._size[1]}x"
+                                 f"{self._size[0]} but {str(p)!r} is {a.shape[1]}x{a.shape[0]}; pass "
+                                 "image_size= to resize them")
+        if not arrays:
+            return torch.empty(0, 3, *(self._size or (self.image_size or 0,) * 2))
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return batch.float().div_(255.0)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """``n_images`` images read in contiguous chunks: ``load(start, count)`` returns images
+    ``[count, 3, H, W]`` in [0, 1], or ``(images, labels)`` with per-patch integer labels
+    ``{factor: [count, G, G] or [count, G*G]}`` on the store's grid (e.g. the toy world's truth)."""
+
+    n_images: int
+    load: Callable[[int, int], Union[Tensor, tuple[Tensor, Mapping[str, Any]]]]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_images, int) or self.n_images <= 0:
+            raise ValueError(f"ImageSource.n_images = {self.n_images!r} is not valid; expected > 0")
+        if not callable(self.load):
+            raise ValueError("ImageSource.load must be callable as load(start, count)")
+
+
+SourceLike = Union[ImageSource, ImageFolder, Tensor, str, Path]
+
+
+def as_source(source: SourceLike, image_size: int | None = None) -> ImageSource:
+    """An :class:`ImageSource` from an ImageSource, an ImageFolder, a folder path (resized to
+    ``image_size``) or an image tensor ``[N, 3, H, W]``."""
+    if isinstance(source, ImageSource):
+        return source
+    if isinstance(source, (str, Path)):
+        source = ImageFolder(source, image_size=image_size)
+    if isinstance(source, ImageFolder):
+        folder = source
+        return ImageSource(len(folder), lambda start, count: folder.load(range(start, start + count)))
+    if isinstance(source, Tensor):
+        if source.dim() != 4 or source.shape[1] != 3 or len(source) == 0:
+            raise ValueError(f"an image tensor of shape {tuple(source.shape)} is not valid; expected "
+                             "[N > 0, 3, H, W]")
+        images = source
+        return ImageSource(len(images), lambda start, count: images[start:start + count])
+    raise ValueError(f"cannot read images from {type(source).__name__}; expected an ImageSource, an "
+                     "ImageFolder, a folder path or a [N, 3, H, W] tensor")
+
+
+# ------------------------------------------------------------------------------------------ standardisation
+class _Moments:
+    """Streaming per-channel sums (float64) of tokens ``[..., D]``."""
+
+    def __init__(self) -> None:
+        self.count, self.sum, self.sumsq = 0, None, None
+
+    def add(self, tokens: Tensor) -> None:
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        s, q = flat.sum(0, dtype=torch.float64), flat.double().square().sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = q if self.sumsq is None else self.sumsq + q
+        self.count += flat.shape[0]
+
+    def result(self, mode: str) -> Standardisation:
+        if mode == "none":
+            return Standardisation.identity()
+        if not self.count:
+            raise ValueError("no tokens were seen; cannot fit a standardisation")
+        if mode == "scalar":
+            n = self.count * self.sum.numel()
+            mean = self.sum.sum() / n
+            var = self.sumsq.sum() / n - mean * mean
+        else:
+            mean = self.sum / self.count
+            var = self.sumsq / self.count - mean * mean
+        return Standardisation(mean.float().cpu(), var.clamp_min(0).sqrt().float().cpu(), mode)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in STANDARDIZE_MODES:
+        raise ValueError(f"standardize mode = {mode!r} is not valid; expected one of {list(STANDARDIZE_MODES)}")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _images_of(loaded: Any) -> tuple[Tensor, Mapping[str, Any] | None]:
+    if isinstance(loaded, tuple):
+        return loaded[0], loaded[1]
+    return loaded, None
+
+
+def fit_standardisation(backbone: nn.Module, source: SourceLike, n_images: int, mode: str = "scalar",
+                        batch_size: int = 64, progress: bool = False) -> Standardisation:
+    """Mean and std of ``backbone``'s tokens over the first ``n_images`` images of ``source``, on the
+    backbone's own grid (before resampling, like the paper), over all tokens and channels (``"scalar"``) or
+    per channel (``"channel"``); population std. ``"none"`` gives the identity."""
+    _check_mode(mode)
+    src = as_source(source)
+    if not isinstance(n_images, int) or not 0 < n_images <= src.n_images:
+        raise ValueError(f"n_images = {n_images!r} is not valid; expected 1..{src.n_images}")
+    if mode == "none":
+        return Standardisation.identity()
+    moments, device = _Moments(), _device_of(backbone)
+    backbone.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, n_images, batch_size), desc="standardisation", disable=not progress):
+            images, _ = _images_of(src.load(start, min(batch_size, n_images - start)))
+            moments.add(backbone(images.to(device)))
+    return moments.result(mode)
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+def _label_rows(labels: Mapping[str, Any], count: int, tokens: int, split: str) -> dict[str, np.ndarray]:
+    rows = {}
+    for name, value in labels.items():
+        arr = value.cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        if arr.shape[0] != count or arr.size != count * tokens:
+            raise ValueError(f"split {split!r}: labels {name!r} of shape {arr.shape} do not match {count} images "
+                             f"x {tokens} tokens of the store grid")
+        rows[name] = arr.reshape(-1)
+    return rows
+
+
+def extract_store(backbones: Mapping[str, nn.Module], splits: Mapping[str, SourceLike], cfg: ExtractConfig,
+                  out: str | Path, meta: Mapping[str, Any] | None = None,
+                  labels: Mapping[str, Callable[[int, int], Mapping[str, Any]]] | None = None,
+                  stats: Mapping[str, Standardisation] | None = None, progress: bool = True,
+                  overwrite: bool = False, shard_bytes: int = 1 << 30) -> ActivationStore:
+    """Run every backbone over every split's images and write the store at ``out``.
+
+    backbones: name -> module mapping images ``[B, 3, H, W]`` in [0, 1] to tokens ``[B, h, w, D]`` (a
+    :class:`usae.zoo.Backbone`; prefix tokens already dropped). splits: name -> images (see ``as_source``);
+    splits ``"train"``/``"val"`` use at most ``cfg.n_train_images``/``cfg.n_val_images`` images (the first
+    ones), other splits all of theirs. labels: optional split -> ``fn(start, count)`` giving per-patch
+    integer labels (a source may also return them with its images). stats: per-model standardisations to
+    use (e.g. a training store's, for held-out splits); otherwise they are fitted (``cfg.standardize``) on
+    the first ``cfg.n_stats_images`` images of split ``"train"``, on each backbone's own grid, without a
+    second forward pass. Nothing appears at ``out`` until the store is complete.
+    """
+    if not backbones:
+        raise ValueError("backbones is empty; expected at least one name -> backbone")
+    if not splits:
+        raise ValueError("splits is empty; expected at least one split name -> images")
+    names = list(backbones)
+    for name, bb in backbones.items():
+        if not isinstance(getattr(bb, "dim", None), int):
+            raise ValueError(f"backbone {name!r} has no integer .dim; expected a usae.zoo.Backbone")
+    dims = {name: backbones[name].dim for name in names}
+    meta = _plain_json(dict(meta or {}), "meta")  # fail now, not after the extraction
+    for split in (labels or {}):
+        if split not in splits:
+            raise ValueError(f"labels given for split {split!r}, which is not among splits {list(splits)}")
+    sources = {s: as_source(src, cfg.image_size) for s, src in splits.items()}
+    limits = {"train": cfg.n_train_images, "val": cfg.n_val_images}
+    counts = {s: min(src.n_images, limits.get(s, src.n_images)) for s, src in sources.items()}
+    mode = cfg.standardize
+    if stats is not None:
+        missing = sorted(set(names) - set(stats))
+        if missing:
+            raise ValueError(f"stats has no standardisation for backbones {missing}")
+        stats = {n: stats[n] for n in names}
+        n_stats = 0
+    elif mode == "none":
+        stats, n_stats = {n: Standardisation.identity() for n in names}, 0
+    else:
+        if "train" not in sources:
+            raise ValueError(f"cannot fit standardisation: no 'train' split among {list(splits)}; add one, pass "
+                             "stats=..., or use cfg.standardize='none'")
+        n_stats = min(cfg.n_stats_images, counts["train"])
+    order = sorted(sources, key=lambda s: s != "train")  # the statistics come from the first train images
+    devices = {n: _device_of(backbones[n]) for n in names}
+    for bb in backbones.values():
+        bb.eval()
+    tpi = cfg.grid * cfg.grid
+    bar = tqdm(total=sum(counts.values()), unit="img", desc="extract", disable=not progress)
+    pool = ThreadPoolExecutor(1)  # loads the next batch while the backbones run
+    try:
+        with StoreWriter(out, dims, cfg.grid, cfg.dtype, overwrite=overwrite, shard_bytes=shard_bytes) as writer:
+            raw: dict[str, list[Tensor]] = {n: [] for n in names}
+            moments = {n: _Moments() for n in names}
+            for split in order:
+                writer.add_split(split, counts[split])
+                src, n_img, bs = sources[split], counts[split], cfg.batch_size
+                starts = list(range(0, n_img, bs))
+                pending = pool.submit(src.load, 0, min(bs, n_img))
+                for bi, start in enumerate(starts):
+                    count = min(bs, n_img - start)
+                    images, batch_labels = _images_of(pending.result())
+                    if bi + 1 < len(starts):
+                        nxt = starts[bi + 1]
+                        pending = pool.submit(src.load, nxt, min(bs, n_img - nxt))
+                    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != count:
+                        raise ValueError(f"split {split!r}: load({start}, {count}) returned "
+                                         f"{getattr(images, 'shape', type(images))}; expected [{count}, 3, H, W]")
+                    if batch_labels is None and labels and split in labels:
+                        batch_labels = labels[split](start, count)
+                    if batch_labels:
+                        for fac, vals in _label_rows(batch_labels, count, tpi, split).items():
+                            writer.write_labels(split, fac, start * tpi, vals)
+                    in_stats = split == "train" and start < n_stats
+                    on_device: dict[torch.device, Tensor] = {}
+                    for name in names:
+                        dev = devices[name]
+                        if dev not in on_device:
+                            on_device[dev] = images.to(dev, non_blocking=True)
+                        with torch.no_grad():
+                            tokens = backbones[name](on_device[dev])
+                        if tokens.dim() != 4 or tokens.shape[0] != count or tokens.shape[3] != dims[name]:
+                            raise ValueError(f"backbone {name!r} returned {tuple(tokens.shape)}; expected "
+                                             f"[{count}, h, w, {dims[name]}]")
+                        if in_stats:
+                            keep = min(count, n_stats - start)
+                            moments[name].add(tokens[:keep])
+                        tokens = resample_grid(tokens, cfg.grid)
+                        if in_stats:  # hold raw rows until the statistics are known
+                            raw[name].append(tokens.reshape(-1, dims[name]).to("cpu", torch.float32, copy=True))
+                            continue
+                        _write_tokens(writer, split, name, start * tpi, stats[name].apply(tokens), count, start)
+                    if in_stats and start + count >= n_stats:
+                        stats = {n: moments[n].result(mode) for n in names}
+                        for name in names:
+                            rows = torch.cat(raw[name])
+                            raw[name] = []
+                            _write_tokens(writer, split, name, 0, stats[name].apply(rows), len(rows) // tpi, 0)
+                    bar.update(count)
+            store = writer.finish(stats, meta)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return store
+
+
+def _write_tokens(writer: StoreWriter, split: str, name: str, row0: int, tokens: Tensor, count: int,
+                  start: int) -> None:
+    """Convert to the store's dtype, check that every value is finite, write."""
+    rows = tokens.reshape(-1, tokens.shape[-1]).to(torch.float16 if writer.dtype == np.float16 else torch.float32)
+    if not bool(torch.isfinite(rows).all()):
+        what = ("overflow float16 (|x| > 65504); use dtype='float32'" if bool(torch.isfinite(tokens).all())
+                else "are NaN or Inf; check the backbone's weights and the input images")
+        raise ValueError(f"activations of backbone {name!r} on split {split!r}, images {start}..{start + count - 1} "
+                         f"{what}")
+    writer.write(split, name, row0, rows)

@@ -1,0 +1,484 @@
+"""``ActivationStore``: row-aligned, sharded, memory-mapped activations of several models, and its writer.
+
+On disk (all paths relative to the store folder)::
+
+    manifest.json                          written last; its presence marks a complete store
+    <split>/<model>/<shard:05d>.npy        [rows, d] float16/float32, one file per shard of whole images
+    <split>/labels/<factor>.npy            [n_rows] int32 per-token labels (optional; toy-world truth)
+
+Row ``r`` of split ``s`` is image ``r // tokens_per_image``, token ``r % tokens_per_image`` in row-major grid
+order, for every model: ``store.rows(s, m, a, b)`` of two models describe the same image patches.
+The writer fills a hidden temp folder next to the target and renames it into place only after the manifest
+is written, so an interrupted extraction never leaves anything that opens as a store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT = "usae-activation-store"
+VERSION = 1
+DTYPES = ("float16", "float32")
+STANDARDIZE_MODES = ("scalar", "channel", "none")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used: incomplete, corrupted, or written by another configuration."""
+
+
+# ------------------------------------------------------------------------------------------ standardisation
+@dataclass(frozen=True)
+class Standardisation:
+    """Per-model affine standardisation ``(x - mean) / (std + eps)`` (the paper: one scalar per model).
+
+    ``mean``/``std``: ``[]`` for ``mode="scalar"``, ``[D]`` for ``"channel"``; ``mode="none"`` is the identity.
+    """
+
+    mean: Tensor
+    std: Tensor
+    mode: str = "scalar"
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.mode not in STANDARDIZE_MODES:
+            raise ValueError(f"Standardisation.mode = {self.mode!r} is not valid; expected one of "
+                             f"{list(STANDARDIZE_MODES)}")
+        want = 1 if self.mode == "channel" else 0
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.dim() != want:
+                raise ValueError(f"Standardisation.{name} must be a {want}-d tensor for mode {self.mode!r}, "
+                                 f"got {value!r}")
+        object.__setattr__(self, "mean", self.mean.detach().to("cpu", torch.float32))
+        object.__setattr__(self, "std", self.std.detach().to("cpu", torch.float32))
+
+    @classmethod
+    def identity(cls) -> "Standardisation":
+        return cls(torch.tensor(0.0), torch.tensor(1.0), "none")
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x [..., D]`` -> float32 standardised ``[..., D]``."""
+        x = x.float()
+        if self.mode == "none":
+            return x
+        mean, scale = self.mean.to(x.device), (1.0 / (self.std + self.eps)).to(x.device)
+        return (x - mean).mul_(scale)
+
+    def invert(self, x: Tensor) -> Tensor:
+        """Back to the backbone's units: ``x * (std + eps) + mean``."""
+        if self.mode == "none":
+            return x
+        return x * (self.std + self.eps).to(x.device) + self.mean.to(x.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "eps": self.eps, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Standardisation":
+        return cls(torch.tensor(data["mean"], dtype=torch.float32), torch.tensor(data["std"], dtype=torch.float32),
+                   data["mode"], float(data["eps"]))
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _plain_json(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable (str, numbers, bools, None, lists, dicts): {exc}")
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data offset)`` of a .npy file, read from its header only."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        return tuple(shape), np.dtype(dtype), f.tell()
+
+
+def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if not path.is_file():
+        raise StoreError(f"store file {str(path)!r} is missing; the store is incomplete, re-extract it")
+    try:
+        got_shape, got_dtype, offset = _npy_header(path)
+    except Exception as exc:
+        raise StoreError(f"store file {str(path)!r} is corrupted (unreadable .npy header: {exc}); re-extract")
+    if got_shape != shape or got_dtype != dtype:
+        raise StoreError(f"store file {str(path)!r} holds {got_dtype}{list(got_shape)} but the manifest says "
+                         f"{dtype}{list(shape)}; the store is corrupted, re-extract it")
+    size, want = path.stat().st_size, offset + math.prod(shape) * dtype.itemsize
+    if size != want:
+        raise StoreError(f"store file {str(path)!r} has {size} bytes but should have {want} (truncated or "
+                         "corrupted); re-extract the store")
+
+
+# ------------------------------------------------------------------------------------------------- writer
+class StoreWriter:
+    """Fills a new store in a temp folder; ``finish`` writes the manifest and renames it to ``out``.
+
+    Use as a context manager: an exception inside removes the temp folder. ``shard_bytes`` bounds a shard of
+    the widest model; every model shares the same shard boundaries (whole images).
+    """
+
+    def __init__(self, out: str | Path, dims: Mapping[str, int], grid: int, dtype: str = "float16",
+                 overwrite: bool = False, shard_bytes: int = 1 << 30) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype = {dtype!r} is not valid; expected one of {list(DTYPES)}")
+        if not dims or any(not isinstance(d, int) or d <= 0 for d in dims.values()):
+            raise ValueError(f"dims = {dict(dims)!r} is not valid; expected model name -> positive width")
+        if not isinstance(grid, int) or grid <= 0:
+            raise ValueError(f"grid = {grid!r} is not valid; expected a positive integer")
+        if shard_bytes <= 0:
+            raise ValueError(f"shard_bytes = {shard_bytes!r} is not valid; expected > 0")
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise FileExistsError(f"{str(self.out)!r} already exists; pass overwrite=True to replace it")
+        self.dims, self.grid, self.dtype = dict(dims), grid, np.dtype(dtype)
+        self.tokens_per_image = grid * grid
+        self.overwrite, self.shard_bytes = overwrite, shard_bytes
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.splits: dict[str, dict[str, Any]] = {}
+        self._open: dict[tuple[str, str], tuple[int, np.memmap]] = {}
+        self._labels: dict[tuple[str, str], np.memmap] = {}
+        self._written: dict[tuple[str, str], int] = {}
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add_split(self, split: str, n_images: int) -> None:
+        """Declare a split of ``n_images`` images (rows = n_images * tokens_per_image)."""
+        if not isinstance(split, str) or not split or "/" in split or split.startswith("."):
+            raise ValueError(f"split name {split!r} is not valid; expected a plain folder name")
+        if split in self.splits:
+            raise ValueError(f"split {split!r} was already added")
+        if not isinstance(n_images, int) or n_images <= 0:
+            raise ValueError(f"split {split!r}: n_images = {n_images!r} is not valid; expected > 0")
+        row_bytes = self.tokens_per_image * max(self.dims.values()) * self.dtype.itemsize
+        per_shard = max(1, min(n_images, self.shard_bytes // row_bytes))
+        starts = list(range(0, n_images, per_shard))
+        shards = [min(per_shard, n_images - s) * self.tokens_per_image for s in starts]
+        self.splits[split] = {"n_images": n_images, "n_rows": n_images * self.tokens_per_image,
+                              "shard_rows": shards, "shard_starts": [s * self.tokens_per_image for s in starts],
+                              "labels": {}}
+
+    def _shard(self, split: str, model: str, index: int) -> np.memmap:
+        key = (split, model)
+        if key in self._open and self._open[key][0] == index:
+            return self._open[key][1]
+        if key in self._open:  # writes are sequential: the previous shard is done
+            self._open.pop(key)[1].flush()
+        path = self.tmp / split / model / f"{index:05d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.splits[split]["shard_rows"][index]
+        mode = "r+" if path.exists() else "w+"
+        mm = np.lib.format.open_memmap(path, mode=mode, dtype=self.dtype, shape=(rows, self.dims[model]))
+        self._open[key] = (index, mm)
+        return mm
+
+    def write(self, split: str, model: str, row0: int, rows: Tensor | np.ndarray) -> None:
+        """Write ``rows [n, d]`` at rows ``row0 .. row0 + n`` of ``split`` for ``model``."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; add it first (have {list(self.splits)})")
+        if model not in self.dims:
+            raise ValueError(f"unknown model {model!r}; expected one of {list(self.dims)}")
+        if isinstance(rows, Tensor):
+            rows = rows.detach().to(torch.float16 if self.dtype == np.float16 else torch.float32).cpu().numpy()
+        info = self.splits[split]
+        n = rows.shape[0]
+        if rows.ndim != 2 or rows.shape[1] != self.dims[model] or row0 < 0 or row0 + n > info["n_rows"]:
+            raise ValueError(f"rows of shape {rows.shape} at row {row0} do not fit split {split!r} "
+                             f"({info['n_rows']} rows) of model {model!r} (d={self.dims[model]})")
+        done = 0
+        while done < n:
+            r = row0 + done
+            index = int(np.searchsorted(info["shard_starts"], r, side="right")) - 1
+            local = r - info["shard_starts"][index]
+            take = min(n - done, info["shard_rows"][index] - local)
+            self._shard(split, model, index)[local:local + take] = rows[done:done + take]
+            done += take
+        self._written[(split, model)] = self._written.get((split, model), 0) + n
+
+    def write_labels(self, split: str, name: str, row0: int, values: Tensor | np.ndarray) -> None:
+        """Write per-token integer labels ``values [n]`` of factor ``name`` at rows ``row0 ..``."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; add it first (have {list(self.splits)})")
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"label name {name!r} is not valid; expected a plain file name")
+        values = values.cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+        if values.dtype.kind not in "iub":
+            raise ValueError(f"labels {name!r} of dtype {values.dtype} are not valid; expected integers")
+        key, info = (split, name), self.splits[split]
+        if row0 < 0 or values.ndim != 1 or row0 + len(values) > info["n_rows"]:
+            raise ValueError(f"labels {name!r} of shape {values.shape} at row {row0} do not fit split {split!r}")
+        if key not in self._labels:
+            path = self.tmp / split / "labels" / f"{name}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._labels[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32,
+                                                          shape=(info["n_rows"],))
+            info["labels"][name] = f"{split}/labels/{name}.npy"
+        self._labels[key][row0:row0 + len(values)] = values
+        self._written[key] = self._written.get(key, 0) + len(values)
+
+    def finish(self, stats: Mapping[str, Standardisation], meta: Mapping[str, Any] | None = None
+               ) -> "ActivationStore":
+        """Flush, write the manifest last, rename the temp folder to ``out``; returns the opened store."""
+        missing = sorted(set(self.dims) - set(stats))
+        if missing:
+            raise ValueError(f"no standardisation given for models {missing}")
+        if not self.splits:
+            raise ValueError("a store needs at least one split")
+        for split, info in self.splits.items():
+            for key in [*self.dims, *info["labels"]]:
+                if self._written.get((split, key), 0) != info["n_rows"]:
+                    raise ValueError(f"split {split!r}, {key!r}: {self._written.get((split, key), 0)} rows were "
+                                     f"written, expected each of the {info['n_rows']} rows exactly once")
+        for _, mm in self._open.values():
+            mm.flush()
+        for mm in self._labels.values():
+            mm.flush()
+        self._open.clear()
+        self._labels.clear()
+        splits = {}
+        for split, info in self.splits.items():
+            shards = []
+            for i, rows in enumerate(info["shard_rows"]):
+                shards.append({"rows": rows, "files": {m: f"{split}/{m}/{i:05d}.npy" for m in self.dims}})
+            splits[split] = {"n_images": info["n_images"], "n_rows": info["n_rows"], "shards": shards,
+                             "labels": dict(info["labels"])}
+        manifest = {
+            "format": FORMAT, "version": VERSION, "models": list(self.dims), "dims": self.dims,
+            "grid": self.grid, "tokens_per_image": self.tokens_per_image, "dtype": self.dtype.name,
+            "stats": {m: stats[m].to_dict() for m in self.dims}, "splits": splits,
+            "meta": _plain_json(dict(meta or {}), "meta"),
+        }
+        tmp_manifest = self.tmp / "manifest.json.tmp"
+        with open(tmp_manifest, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_manifest, self.tmp / "manifest.json")
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return ActivationStore.open(self.out)
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        self._open.clear()
+        self._labels.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- reader
+class ActivationStore:
+    """A complete store opened read-only; see the module docstring for the layout."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.models: tuple[str, ...] = tuple(manifest["models"])
+        self.dims: dict[str, int] = {m: int(manifest["dims"][m]) for m in self.models}
+        self.grid: int = int(manifest["grid"])
+        self.tokens_per_image: int = int(manifest["tokens_per_image"])
+        self.dtype: str = manifest["dtype"]
+        self.meta: dict[str, Any] = manifest["meta"]
+        self.stats: dict[str, Standardisation] = {m: Standardisation.from_dict(manifest["stats"][m])
+                                                  for m in self.models}
+        self.splits: tuple[str, ...] = tuple(manifest["splits"])
+        self._bounds = {s: np.cumsum([0] + [sh["rows"] for sh in info["shards"]])
+                        for s, info in manifest["splits"].items()}
+        self._maps: dict[tuple[str, str], list[np.memmap]] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, expect_meta: Mapping[str, Any] | None = None) -> "ActivationStore":
+        """Open and validate the store at ``path`` (every shard's header and size against the manifest).
+
+        ``expect_meta``: when given, the store's ``meta`` must equal it (after a JSON round trip), else
+        StoreError naming the differing keys (the store was written by another configuration).
+        """
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not path.is_dir():
+            raise StoreError(f"no activation store at {str(path)!r} (not a folder)")
+        if not manifest_path.is_file():
+            raise StoreError(f"{str(path)!r} has no manifest.json, so it is not a complete activation store "
+                             "(an interrupted extraction leaves none); re-extract it")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{str(manifest_path)!r} is not valid JSON ({exc}); re-extract the store")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise StoreError(f"{str(manifest_path)!r} is not a {FORMAT} manifest")
+        if manifest.get("version") != VERSION:
+            raise StoreError(f"store version {manifest.get('version')!r} is not supported (this code reads "
+                             f"version {VERSION}); re-extract the store")
+        dtype = np.dtype(manifest["dtype"])
+        for split, info in manifest["splits"].items():
+            if sum(sh["rows"] for sh in info["shards"]) != info["n_rows"]:
+                raise StoreError(f"manifest of {str(path)!r}: shard rows of split {split!r} do not add up")
+            for sh in info["shards"]:
+                for m, rel in sh["files"].items():
+                    _check_npy(path / rel, (sh["rows"], int(manifest["dims"][m])), dtype)
+            for rel in info.get("labels", {}).values():
+                _check_npy(path / rel, (info["n_rows"],), np.dtype(np.int32))
+        store = cls(path, manifest)
+        if expect_meta is not None:
+            want = _plain_json(dict(expect_meta), "expect_meta")
+            if want != store.meta:
+                keys = sorted(k for k in set(want) | set(store.meta) if want.get(k) != store.meta.get(k))
+                detail = "; ".join(f"{k}: store has {store.meta.get(k)!r:.80}, expected {want.get(k)!r:.80}"
+                                   for k in keys[:5])
+                raise StoreError(f"the store at {str(path)!r} was written by another configuration ({detail}); "
+                                 "re-extract it")
+        return store
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}: {self.n_rows(s)} rows" for s in self.splits)
+        return (f"ActivationStore({str(self.path)!r}, models={list(self.models)}, dims={self.dims}, "
+                f"grid={self.grid}, dtype={self.dtype}, {sizes})")
+
+    # -------------------------------------------------------------------------------------------- access
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"unknown split {split!r}; this store has {list(self.splits)}")
+        return self.manifest["splits"][split]
+
+    def _model(self, model: str) -> None:
+        if model not in self.dims:
+            raise ValueError(f"unknown model {model!r}; this store has {list(self.models)}")
+
+    def _shards(self, split: str, model: str) -> list[np.memmap]:
+        key = (split, model)
+        if key not in self._maps:
+            self._maps[key] = [np.load(self.path / sh["files"][model], mmap_mode="r")
+                               for sh in self._split(split)["shards"]]
+        return self._maps[key]
+
+    def n_rows(self, split: str) -> int:
+        return int(self._split(split)["n_rows"])
+
+    def n_images(self, split: str) -> int:
+        return int(self._split(split)["n_images"])
+
+    def _read(self, split: str, model: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy rows ``start .. stop`` into ``out [stop - start, d]`` (may span shards)."""
+        bounds, shards = self._bounds[split], self._shards(split, model)
+        pos = start
+        while pos < stop:
+            i = int(np.searchsorted(bounds, pos, side="right")) - 1
+            end = min(stop, int(bounds[i + 1]))
+            out[pos - start:end - start] = shards[i][pos - bounds[i]:end - bounds[i]]
+            pos = end
+
+    def rows(self, split: str, model: str, start: int, stop: int) -> Tensor:
+        """Rows ``start .. stop`` of ``model`` as float32 ``[stop - start, d]``."""
+        self._model(model)
+        n = self.n_rows(split)
+        if isinstance(start, np.integer) or isinstance(stop, np.integer):
+            start, stop = int(start), int(stop)
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+            raise ValueError(f"rows {start!r}..{stop!r} are not valid for split {split!r}; expected "
+                             f"0 <= start <= stop <= {n}")
+        out = np.empty((stop - start, self.dims[model]), dtype=self.dtype)
+        self._read(split, model, start, stop, out)
+        return torch.from_numpy(out).float()
+
+    def labels(self, split: str) -> dict[str, np.ndarray]:
+        """Per-token integer labels ``factor -> [n_rows]`` (read-only memory maps; empty if none)."""
+        return {name: np.load(self.path / rel, mmap_mode="r")
+                for name, rel in self._split(split).get("labels", {}).items()}
+
+    # ------------------------------------------------------------------------------------------- batches
+    def _blocks(self, split: str, block_rows: int) -> list[tuple[int, int]]:
+        bounds = self._bounds[split]
+        return [(a, min(a + block_rows, int(hi)))
+                for lo, hi in zip(bounds[:-1], bounds[1:]) for a in range(int(lo), int(hi), block_rows)]
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                models: Sequence[str] | None = None, block_rows: int = 2048, window_rows: int | None = None,
+                device: str | torch.device | None = None) -> Iterator[dict[str, Tensor]]:
+        """One epoch of aligned batches ``{model: [batch_size, d] float32}``: ``batch[m][i]`` is the same
+        image patch for every model ``m``. Every row appears exactly once (the last partial batch only when
+        ``drop_last=False``).
+
+        Shuffling with bounded memory: the rows are cut into blocks of ``block_rows`` contiguous rows, the
+        blocks are visited in a random order, ``window_rows`` rows' worth of blocks are read at a time (default
+        ``max(65536, 4 * batch_size)``) and shuffled together with the rows left over from the previous window.
+        Same ``seed`` -> same batches. ``device``: where the batches are made; on a GPU each window is copied
+        there in the store's dtype and the shuffling gather and the float32 conversion run on the GPU.
+        """
+        self._split(split)
+        names = tuple(self.models if models is None else models)
+        if not names:
+            raise ValueError("models is empty; expected at least one model name")
+        for m in names:
+            self._model(m)
+        for label, value in (("batch_size", batch_size), ("block_rows", block_rows)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{label} = {value!r} is not valid; expected a positive integer")
+        window_rows = max(65536, 4 * batch_size) if window_rows is None else window_rows
+        if not isinstance(window_rows, int) or window_rows < batch_size:
+            raise ValueError(f"window_rows = {window_rows!r} is not valid; expected an int >= batch_size")
+        device = torch.device("cpu" if device is None else device)
+        blocks = self._blocks(split, block_rows)
+        gen = torch.Generator().manual_seed(seed)
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(blocks))
+            blocks = [blocks[i] for i in order]
+        torch_dtype = torch.float16 if self.dtype == "float16" else torch.float32
+        carry = {m: torch.empty(0, self.dims[m], dtype=torch_dtype, device=device) for m in names}
+        i = 0
+        while i < len(blocks):
+            chosen, total = [], 0
+            while i < len(blocks) and (total < window_rows or not chosen):
+                chosen.append(blocks[i])
+                total += blocks[i][1] - blocks[i][0]
+                i += 1
+            n_carry = len(carry[names[0]])
+            n = n_carry + total
+            window = {}
+            for m in names:
+                buf = np.empty((n, self.dims[m]), dtype=self.dtype)
+                pos = n_carry
+                for a, b in chosen:
+                    self._read(split, m, a, b, buf[pos:pos + b - a])
+                    pos += b - a
+                window[m] = torch.from_numpy(buf).to(device)
+                window[m][:n_carry] = carry[m]  # the (< batch_size) rows left over from the last window
+            n_full = n // batch_size
+            if shuffle:
+                perm = torch.randperm(n, generator=gen).to(device)
+                for j in range(n_full):
+                    idx = perm[j * batch_size:(j + 1) * batch_size]
+                    yield {m: window[m].index_select(0, idx).float() for m in names}
+                rest = perm[n_full * batch_size:]
+                carry = {m: window[m].index_select(0, rest) for m in names}
+            else:
+                for j in range(n_full):
+                    yield {m: window[m][j * batch_size:(j + 1) * batch_size].float() for m in names}
+                carry = {m: window[m][n_full * batch_size:].clone() for m in names}
+        if not drop_last and len(carry[names[0]]):
+            yield {m: carry[m].float() for m in names}
