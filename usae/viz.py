@@ -11,17 +11,27 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
-from plotly.io._base_renderers import HtmlRenderer
+from plotly.io._base_renderers import MimetypeRenderer
 from plotly.subplots import make_subplots
 
 BOOK_RENDERER = "usae_book_html"
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
+class _BookHtml(MimetypeRenderer):
+    """A ``text/html`` div that draws with the page's own ``plotly.min.js``: no CDN, no MathJax script
+    (the book's pages load both themselves), so figures render offline."""
+
+    def to_mimebundle(self, fig_dict: dict) -> dict[str, str]:
+        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                           default_width="100%", default_height=525, validate=False)
+        return {"text/html": html}
+
+
 def setup_notebook() -> None:
     """Register the book's HTML renderer and make ``plotly_mimetype+usae_book_html`` the default."""
     if BOOK_RENDERER not in pio.renderers:
-        pio.renderers[BOOK_RENDERER] = HtmlRenderer(connected=False, full_html=False, include_plotlyjs=False)
+        pio.renderers[BOOK_RENDERER] = _BookHtml()
     pio.renderers.default = f"plotly_mimetype+{BOOK_RENDERER}"
     pio.templates.default = "plotly_white"
 
