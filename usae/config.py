@@ -329,6 +329,7 @@ def preset(name: str, **overrides: Any) -> ExperimentConfig:
 
     ``smoke``: seconds, for tests. ``book``: the default, minutes on 2 CPU cores. ``paper``: the paper's
     setting (three pretrained backbones, ImageNet, a GPU); ``source`` must then name the image folder.
+    ``smoke`` and ``book`` train for 10^2-10^3 steps instead of ~10^6 and so use a larger learning rate.
     """
     if name not in PRESETS:
         raise ValueError(f"preset = {name!r} is not valid; expected one of {list(PRESETS)}")
@@ -338,13 +339,15 @@ def preset(name: str, **overrides: Any) -> ExperimentConfig:
             zoo=ZooTrainConfig(n_train_images=512, n_val_images=128, steps=40, batch_size=32),
             extract=ExtractConfig(n_train_images=96, n_val_images=32, n_stats_images=64, batch_size=32),
             usae=USAEConfig(n_latents=256, k=8),
-            train=TrainConfig(steps=40, batch_size=512, warmup_steps=5, log_every=5),
+            train=TrainConfig(steps=300, batch_size=512, lr=3e-2, warmup_steps=20, log_every=20),
         )
     elif name == "book":
         cfg = ExperimentConfig(
             name="book",
             usae=USAEConfig(n_latents=1024, k=16),
-            train=TrainConfig(steps=1500, batch_size=1024, warmup_steps=100),
+            # 1500 steps instead of the paper's 1.2 M: the paper's lr (3e-4) barely moves the randn-initialised
+            # dictionary in so few steps (validation R² 0.08-0.24); 1e-2 reaches 0.93-0.97 on the diagonal
+            train=TrainConfig(steps=1500, batch_size=1024, lr=1e-2, warmup_steps=100),
         )
     else:
         cfg = ExperimentConfig(
