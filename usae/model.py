@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from usae.paths import atomic_write
 from usae.sparse import SparseCode, sparse_decode, topk_encode
 
 __all__ = ["UniversalSAE", "ENCODERS", "normalise_rows"]
@@ -211,14 +212,7 @@ class UniversalSAE(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {key: t.detach().cpu().contiguous() for key, t in self.state_dict().items()}
         meta = {"format": _FORMAT, "config": json.dumps(self.config())}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def read_config(cls, path: str | os.PathLike) -> dict[str, Any]:

@@ -74,7 +74,8 @@ def _find_state(obj: Any, depth: int = 0) -> dict[str, Tensor] | None:
 def official_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The SAE state dict inside one official checkpoint file (keys as listed in the module docstring)."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        file = str(path)
+        obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unreadable or refusing to unpickle: same user error
         raise ValueError(f"{path}: cannot read it as a weights-only torch checkpoint ({err})") from err
     state = _find_state(obj)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -24,4 +25,18 @@ def runs_dir() -> Path:
     override = os.environ.get("USAE_RUNS")
     path = Path(override).expanduser() if override else repo_root() / "data" / "runs"
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place, so a reader never
+    sees a half-written file; the temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

@@ -16,7 +16,6 @@ from the toy world (the committed ``data/spectrum_toy.npz``) or from any image f
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae.paths import repo_root
+from usae.paths import atomic_write, repo_root
 
 __all__ = ["Spectrum", "compute_spectrum", "toy_spectrum", "folder_spectrum", "default_spectrum_path",
            "load_spectrum", "hermitian_columns"]
@@ -84,16 +83,9 @@ class Spectrum:
         """Write ``.npz`` (no pickles) atomically: magnitude, colour_sqrt and the JSON meta."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        try:
-            np.savez_compressed(tmp, magnitude=self.magnitude.numpy().astype(np.float32),
-                                colour_sqrt=self.colour_sqrt.numpy().astype(np.float32),
-                                meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, lambda tmp: np.savez_compressed(
+            tmp, magnitude=self.magnitude.numpy().astype(np.float32),
+            colour_sqrt=self.colour_sqrt.numpy().astype(np.float32), meta=np.array(json.dumps(self.meta))))
 
     @classmethod
     def load(cls, path: str | Path) -> "Spectrum":
