@@ -190,9 +190,13 @@ class Experiment:
         return json.loads((folder / "history.json").read_text())
 
     def independent_sae(self, name: str, **train_changes: Any):
-        """A single-model SAE of backbone ``name``: the same class (M = 1), width, k and recipe as the USAE."""
+        """A single-model SAE of backbone ``name``: the same class (M = 1), width, k and recipe as the USAE.
+
+        Its seed defaults to the USAE's seed + 1: with the same seed it would start from exactly the USAE's
+        initial atoms for that model, and comparing the two dictionaries (chapter 7) would be trivial."""
         from usae.model import UniversalSAE
 
+        train_changes.setdefault("seed", self.config.train.seed + 1)
         if name not in self.config.model_names:
             raise ValueError(f"independent_sae: name = {name!r} is not valid; expected one of "
                              f"{list(self.config.model_names)}")

@@ -34,7 +34,8 @@ from usae.reconstruction import aligned_batches
 ENERGY_VARIANTS = ("eq9", "code")
 BACKENDS = ("auto", "numpy", "torch")  # auto: numpy for CPU codes, torch (any device) otherwise
 __all__ = ["FiringStats", "FiringAccumulator", "firing_stats", "encoded_batches", "decoder_atom_norms", "check_codes",
-           "LogLogFit", "loglog_fit", "energy_cofire_fit", "concept_order", "cfp_curves", "universal_concepts",
+           "LogLogFit", "loglog_fit", "energy_cofire_fit", "concept_order", "cfp_curves", "cfp_mean_curve",
+           "entropy_histogram", "concept_groups", "universal_concepts",
            "pairwise_concepts", "unique_concepts", "ENERGY_VARIANTS", "BACKENDS"]
 
 
@@ -405,6 +406,28 @@ def cfp_curves(stats: FiringStats, top: int = 1000, variant: str = "eq9") -> tup
     return cfp.sort(dim=1, descending=True).values, cfp.mean(1)
 
 
+def cfp_mean_curve(stats: FiringStats, top: int = 1000, variant: str = "eq9") -> Tensor:
+    """Fig. 6b's mean curve: for the ``top`` concepts by energy, the CFP averaged over models, sorted [top]."""
+    chosen = concept_order(stats, variant)[:top]
+    return stats.cofire_proportion[:, chosen].nan_to_num(0.0).mean(0).sort(descending=True).values
+
+
+def entropy_histogram(stats: FiringStats, n_bins: int = 30) -> tuple[Tensor, Tensor, int]:
+    """Fig. 6a: (counts [n_bins], bin edges [n_bins + 1] over [0, 1], number of never-fired concepts).
+
+    Only concepts that fire somewhere are binned (1.0 falls in the last bin); never-fired concepts have no
+    entropy and are counted apart (the official code puts them in the first bin at 0).
+    """
+    if not isinstance(n_bins, int) or n_bins <= 0:
+        raise ValueError(f"n_bins = {n_bins!r} is not valid; expected a positive integer")
+    if stats.n_models < 2:
+        raise ValueError(f"firing entropy needs >= 2 models; got {stats.n_models} ({list(stats.names)})")
+    h = stats.entropy
+    fired = h[~stats.never_fired].double().numpy()
+    counts, edges = np.histogram(fired, bins=n_bins, range=(0.0, 1.0))
+    return torch.from_numpy(counts), torch.from_numpy(edges), int(stats.never_fired.sum())
+
+
 def _ordered(stats: FiringStats, mask: Tensor) -> Tensor:
     order = concept_order(stats)
     return order[mask[order]]
@@ -436,3 +459,24 @@ def unique_concepts(stats: FiringStats, max_entropy: float = 0.2) -> tuple[Tenso
     """Model-unique concepts (Sec. 4.6): entropy <= ``max_entropy``; (ids by energy [n], dominant model [n])."""
     ids = _ordered(stats, stats.entropy.nan_to_num(math.inf) <= max_entropy)
     return ids, stats.fire_distribution[:, ids].argmax(0)
+
+
+def concept_groups(stats: FiringStats, min_entropy: float = 0.9, min_cfp: float = 0.5,
+                   max_entropy: float = 0.2) -> dict[str, Tensor]:
+    """[m] bool masks of disjoint concept kinds: ``"universal"`` (entropy >= ``min_entropy`` and CFP >=
+    ``min_cfp`` in every model), ``"even, not co-firing"`` (entropy >= ``min_entropy``, not universal),
+    ``"pairwise"`` (see :func:`pairwise_concepts`), ``"unique"`` (entropy <= ``max_entropy``), ``"other"``
+    (fires, none of these) and ``"never fired"``."""
+    m = stats.n_latents
+    universal = torch.zeros(m, dtype=torch.bool)
+    universal[universal_concepts(stats, min_entropy, min_cfp)] = True
+    even = (stats.entropy.nan_to_num(-1.0) >= min_entropy) & ~universal
+    pair = torch.zeros(m, dtype=torch.bool)
+    if stats.n_models >= 3:
+        pair[pairwise_concepts(stats)[0]] = True
+    unique = (stats.entropy.nan_to_num(math.inf) <= max_entropy) & ~pair
+    pair &= ~universal & ~even
+    never = stats.never_fired
+    other = ~(universal | even | pair | unique | never)
+    return {"universal": universal, "even, not co-firing": even, "pairwise": pair, "unique": unique,
+            "other": other, "never fired": never}

@@ -27,7 +27,7 @@ from torch import Tensor
 from usae.firing import check_codes, encoded_batches
 
 __all__ = ["GroundTruthStats", "GroundTruthAccumulator", "ground_truth_stats", "SparseRanks", "sparse_ranks",
-           "auroc_table", "auroc_from_sparse"]
+           "auroc_table", "auroc_from_sparse", "recovery_table", "group_truth", "metric_agreement"]
 
 
 def _as_labels(name: str, labels: Any, n_tokens: int) -> Tensor:
@@ -276,3 +276,65 @@ def ground_truth_stats(model: Any, acts: Any, labels: Mapping[str, Any] | None =
     for codes in encoded_batches(model, acts, split, batch_size, progress, desc="ground truth"):
         acc.update(codes)
     return acc.result(labels, n_values, value_names)
+
+
+def _value_name(gt: GroundTruthStats, factor: str, value: int) -> str:
+    names = gt.value_names.get(factor) or ()
+    return names[value] if value < len(names) else str(value)
+
+
+def recovery_table(gt: GroundTruthStats, threshold: float = 0.9) -> list[dict[str, Any]]:
+    """Per factor: values with positives, values recovered (AUROC >= ``threshold``) by ONE concept in every
+    model ("universal"), and by some concept of each model on its own; recovered value names listed."""
+    rows = []
+    for f in gt.factors:
+        present = gt.n_positive[f] > 0
+        row: dict[str, Any] = {"factor": f, "values": int(present.sum())}
+        uni = gt.best_concept_per_value(f, None)[1].nan_to_num(-1.0) >= threshold
+        row["one concept, every model"] = int(uni.sum())
+        for name in gt.names:
+            row[name] = int((gt.best_concept_per_value(f, name)[1].nan_to_num(-1.0) >= threshold).sum())
+        row["universal values"] = ", ".join(_value_name(gt, f, v) for v in torch.nonzero(uni).reshape(-1).tolist())
+        rows.append(row)
+    return rows
+
+
+def group_truth(gt: GroundTruthStats, groups: Mapping[str, Tensor], threshold: float = 0.9) -> list[dict[str, Any]]:
+    """Per concept group (name -> [m] bool mask): how well its concepts match ONE truth value in every model.
+
+    For each concept the best factor value by its worst model's AUROC (``best_value_per_concept(None)``);
+    per group: count, median of that AUROC, the share >= ``threshold``, and the most common best factor.
+    """
+    best_f, _, best_a = gt.best_value_per_concept(None)
+    rows = []
+    for label, mask in groups.items():
+        ids = torch.nonzero(torch.as_tensor(mask, dtype=torch.bool)).reshape(-1)
+        a = best_a[ids].nan_to_num(0.5)
+        top_factor = gt.factors[int(torch.mode(best_f[ids]).values)] if len(ids) else "-"
+        rows.append({"group": label, "concepts": int(len(ids)),
+                     "median worst-model AUROC": float(a.median()) if len(ids) else math.nan,
+                     f"share >= {threshold}": float((a >= threshold).double().mean()) if len(ids) else math.nan,
+                     "most common best factor": top_factor})
+    return rows
+
+
+def metric_agreement(gt: GroundTruthStats, stats: Any, min_entropy: float = 0.9) -> dict[str, float]:
+    """Spearman rank correlations between the paper's metrics and the truth, over fired concepts.
+
+    Truth score of a concept: its best single-value AUROC in its worst model (``best_value_per_concept(None)``).
+    ``"entropy"``: firing entropy vs that score; ``"worst-model CFP"``: min over models of the co-fire
+    proportion vs that score; ``"worst-model CFP, entropy >= min_entropy"``: the same among even-firing concepts.
+    """
+    from scipy.stats import spearmanr
+
+    best = gt.best_value_per_concept(None)[2].nan_to_num(0.5)
+    fired = ~stats.never_fired
+    ent = stats.entropy.nan_to_num(0.0)
+    cfp = stats.cofire_proportion.nan_to_num(0.0).min(0).values
+    even = fired & (ent >= min_entropy)
+
+    def rho(x: Tensor, y: Tensor) -> float:
+        return float(spearmanr(x.numpy(), y.numpy()).statistic) if len(x) > 2 else math.nan
+
+    return {"entropy": rho(ent[fired], best[fired]), "worst-model CFP": rho(cfp[fired], best[fired]),
+            f"worst-model CFP, entropy >= {min_entropy}": rho(cfp[even], best[even])}

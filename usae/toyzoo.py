@@ -1,9 +1,11 @@
 """The toy model zoo: each toy backbone of ``usae.zoo`` trained on its own task(s) over the toy world.
 
 Every model shares one head, "which object colours are present" (multi-label), and has one head of its own
-(:data:`TASKS`). Heads are linear maps of the *mean of the backbone's output tokens*, so the token features
-that ``usae.extract`` later reads are exactly the ones the tasks shaped. DESIGN.md §5 explains the choice:
-a factor comes out universal only when every model's task needs it.
+(:data:`TASKS`). Heads are linear maps of the mean and the max over the *backbone's output tokens* (the
+ones ``usae.extract`` later reads), so those token features are exactly the ones the tasks shaped; the max
+lets a small object's few tokens speak for it (mean pooling alone learned "which shapes are present" far
+more slowly). DESIGN.md §5 explains the task choice: a factor comes out universal only when every model's
+task needs it.
 
 Training uses split ``"zoo"``; metrics (with their chance levels) are measured on split ``"val"``.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -52,15 +55,34 @@ _WEIGHT_DECAY = 0.05
 _EVAL_BATCH = 250
 
 
+POOLS = ("mean", "max", "meanmax")
+
+
 class TaskHeads(nn.Module):
-    """Linear heads over pooled features: ``forward(pooled [B, D]) -> {task: logits [B, n_outputs]}``."""
+    """Linear heads over pooled tokens: ``forward(tokens [B, h, w, D]) -> {task: logits [B, n_outputs]}``.
 
-    def __init__(self, dim: int, tasks: tuple[Task, ...]) -> None:
+    ``pool``: ``"mean"`` or ``"max"`` over tokens ([B, D]), or both concatenated (``"meanmax"``, [B, 2D]).
+    """
+
+    def __init__(self, dim: int, tasks: tuple[Task, ...], pool: str = "meanmax") -> None:
         super().__init__()
-        self.tasks = tasks
-        self.heads = nn.ModuleDict({t.name: nn.Linear(dim, t.n_outputs) for t in tasks})
+        if pool not in POOLS:
+            raise ValueError(f"pool = {pool!r} is not valid; expected one of {list(POOLS)}")
+        self.tasks, self.pool = tasks, pool
+        width = 2 * dim if pool == "meanmax" else dim
+        self.heads = nn.ModuleDict({t.name: nn.Linear(width, t.n_outputs) for t in tasks})
 
-    def forward(self, pooled: Tensor) -> dict[str, Tensor]:
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """tokens [B, h, w, D] -> [B, D] or [B, 2D]."""
+        flat = tokens.flatten(1, 2)
+        if self.pool == "mean":
+            return flat.mean(1)
+        if self.pool == "max":
+            return flat.amax(1)
+        return torch.cat([flat.mean(1), flat.amax(1)], dim=1)
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        pooled = self.pooled(tokens)
         return {name: head(pooled) for name, head in self.heads.items()}
 
 
@@ -73,19 +95,6 @@ def _tasks_of(name: str) -> tuple[Task, ...]:
 def _timm_model(backbone: nn.Module) -> nn.Module:
     """The timm model inside a ``zoo.Backbone`` (its state_dict is what ``zoo.load_backbone`` reads)."""
     return backbone.model
-
-
-POOL = "meanmax"
-
-
-def _pooled(backbone: nn.Module, images: Tensor) -> Tensor:
-    """Pooled output tokens: images [B, 3, H, W] -> [B, D] (mean), or [B, 2D] (mean and max)."""
-    tokens = backbone(images).flatten(1, 2)
-    if POOL == "mean":
-        return tokens.mean(1)
-    if POOL == "max":
-        return tokens.amax(1)
-    return torch.cat([tokens.mean(1), tokens.amax(1)], dim=1)
 
 
 def _loss(logits: dict[str, Tensor], labels: dict[str, Tensor], tasks: tuple[Task, ...]) -> Tensor:
@@ -131,7 +140,7 @@ def evaluate(backbone: nn.Module, heads: TaskHeads, images: Tensor, labels: dict
     device = next(heads.parameters()).device
     parts: dict[str, list[Tensor]] = {t.name: [] for t in heads.tasks}
     for lo in range(0, len(images), _EVAL_BATCH):
-        out = heads(_pooled(backbone, images[lo: lo + _EVAL_BATCH].to(device)))
+        out = heads(backbone(images[lo: lo + _EVAL_BATCH].to(device)))
         for k, v in out.items():
             parts[k].append(v.float().cpu())
     return {t.name: _score(t, torch.cat(parts[t.name]), labels[t.label]) for t in heads.tasks}
@@ -146,7 +155,8 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrainConfig,
-              progress: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, TaskHeads, float]:
+              progress: bool = True, device: str | torch.device = "cpu",
+              pool: str = "meanmax") -> tuple[nn.Module, TaskHeads, float]:
     """Train toy backbone ``name`` and its heads on images [N, 3, H, W] with ``labels`` (image labels).
 
     Returns (backbone in eval mode, heads, final training loss averaged over the last 10 % of steps), on
@@ -158,7 +168,7 @@ def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrai
     backbone = zoo.load_backbone(BackboneSpec(name, pretrained=False))
     backbone.model.requires_grad_(True)       # zoo.Backbone freezes its model; the toy models have no
     # dropout or batch norm, so the eval mode it keeps them in trains the same as train mode would
-    heads = TaskHeads(backbone.dim * (2 if POOL == "meanmax" else 1), tasks)
+    heads = TaskHeads(backbone.dim, tasks, pool)
     backbone.to(device)
     heads.to(device)
     images = images.to(device)
@@ -176,7 +186,7 @@ def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrai
             order, cursor = torch.randperm(len(images), generator=gen), 0
         idx = order[cursor: cursor + cfg.batch_size].to(device)
         cursor += cfg.batch_size
-        loss = _loss(heads(_pooled(backbone, images[idx])), {k: v[idx] for k, v in labels.items()}, tasks)
+        loss = _loss(heads(backbone(images[idx])), {k: v[idx] for k, v in labels.items()}, tasks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,7 +247,7 @@ def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress:
             model = _timm_model(backbone)
             _write_atomic(work / f"{name}.safetensors", lambda p: save_file(_contiguous(model.state_dict()), str(p)))
             _write_atomic(work / f"{name}.heads.safetensors",
-                          lambda p: save_file(_contiguous(heads.state_dict()), str(p)))
+                          lambda p: save_file(_contiguous(heads.state_dict()), str(p), {"pool": heads.pool}))
             entry: dict = {t: s["value"] for t, s in scores.items()}
             entry["metric"] = {t: s["metric"] for t, s in scores.items()}
             entry["chance"] = {t: s["chance"] for t, s in scores.items()}
@@ -267,8 +277,14 @@ def load_toy_backbone(name: str, out_dir: Path, layer: int | None = None) -> nn.
 def load_toy_heads(name: str, out_dir: Path) -> TaskHeads:
     """The trained task heads of toy model ``name`` from ``out_dir``."""
     tasks = _tasks_of(name)
-    state = load_file(str(Path(out_dir) / f"{name}.heads.safetensors"))
-    heads = TaskHeads(state[f"heads.{tasks[0].name}.weight"].shape[1], tasks)
+    path = Path(out_dir) / f"{name}.heads.safetensors"
+    if not path.is_file():
+        raise ValueError(f"load_toy_heads: no heads for {name!r} at {str(path)!r}; train the zoo first")
+    with safe_open(str(path), "pt") as f:
+        pool = (f.metadata() or {}).get("pool", "meanmax")
+    state = load_file(str(path))
+    width = state[f"heads.{tasks[0].name}.weight"].shape[1]
+    heads = TaskHeads(width // 2 if pool == "meanmax" else width, tasks, pool)
     heads.load_state_dict(state)
     return heads.eval()
 
