@@ -91,6 +91,14 @@ class Trainer:
         """[m] bool: latents that have not fired for ``dead_after_tokens`` tokens encoded by model ``name``."""
         return self.since_fire[self.model.index(name)] >= self.config.dead_after_tokens
 
+    # hooks a data-parallel trainer overrides (usae.distributed): BatchNorm statistics and gradients
+    def _pre_activations(self, name: str, x: Tensor) -> Tensor:
+        """Encoder pre-activations [N, m] of the selected model (training mode)."""
+        return self.model.encode_pre(name, x)
+
+    def _reduce_gradients(self, stepped: tuple[str, ...]) -> None:
+        """Called after backward, before clipping and the optimizer steps (no-op in one process)."""
+
     def train_step(self, batch: Mapping[str, Tensor]) -> int:
         """One update on a batch of aligned rows {name: [N, d]}; returns the index of the selected model."""
         cfg, model, names = self.config, self.model, self.model.names
@@ -101,7 +109,7 @@ class Trainer:
         name = names[i]
         stepped = names if cfg.update == "joint" else (name,)
         model.train()
-        pre = model.encode_pre(name, x[name])
+        pre = self._pre_activations(name, x[name])
         code = topk_encode(pre, model.k)
         dicts = {n: model.dictionary(n) if n in stepped else model.dictionary(n).detach() for n in names}
         recon = {n: sparse_decode(code, dicts[n], self.backend) for n in names}
@@ -115,6 +123,7 @@ class Trainer:
         loss = sum(mains[n] + cfg.aux_coef * auxs[n] for n in names)
         model.zero_grad(set_to_none=True)
         loss.backward()
+        self._reduce_gradients(stepped)
         lr_selected = 0.0
         for n in stepped:
             j = model.index(n)
