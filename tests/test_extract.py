@@ -10,8 +10,7 @@ from PIL import Image
 from torch import nn
 
 from usae.config import BackboneSpec, ExtractConfig
-from usae.extract import (ImageFolder, ImageSource, Standardisation, as_source, extract_store,
-                          fit_standardisation, resample_grid)
+from usae.extract import ImageFolder, ImageSource, as_source, extract_store, fit_standardisation, resample_grid
 from usae.store import ActivationStore
 from usae.zoo import load_backbone
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from usae.firing import (FiringAccumulator, FiringStats, cfp_curves, concept_order, energy_cofire_fit,
-                         firing_stats, loglog_fit, pairwise_concepts, unique_concepts, universal_concepts)
+from usae.concept_selection import concept_order, pairwise_concepts, unique_concepts, universal_concepts
+from usae.firing import FiringAccumulator, FiringStats, firing_stats
 from usae.model import UniversalSAE
 from usae.sparse import SparseCode
+from usae.universality import cfp_curves, energy_cofire_fit, loglog_fit
 
 NAMES = ("a", "b", "c")
 LEVELS = torch.tensor([0.0, 0.05, 0.1, 0.1, 0.2, 0.7, 1.5])  # 0, below, exactly at tau (not firing), above

@@ -203,3 +203,47 @@ def test_gradients_reach_encoder_and_selected_decoders_only():
     assert model.coder("vit").dictionary.grad is None
     assert model.coder("values").dictionary.grad is not None
     assert model.coder("values").linear.weight.grad is None
+
+
+def test_normalise_rows_gradient_matches_autograd():
+    raw = torch.randn(6, 4, dtype=torch.float64)
+    raw[2] = 0.0  # a zero row stays zero
+    upstream = torch.randn(6, 4, dtype=torch.float64)
+    grads = []
+    for fn in (normalise_rows, lambda w: w / (w.norm(dim=1, keepdim=True) + 1e-8)):
+        w = raw.clone().requires_grad_()
+        (fn(w) * upstream).sum().backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(*grads)
+    assert normalise_rows(raw)[2].abs().sum() == 0
+
+
+def test_frozen_dictionary_is_cached_until_the_weight_changes():
+    model = make()
+    first = model.dictionary("vit", frozen=True)
+    assert not first.requires_grad and model.dictionary("vit", frozen=True) is first
+    torch.testing.assert_close(first, model.dictionary("vit").detach())
+    with torch.no_grad():
+        model.coder("vit").dictionary.mul_(2.0).add_(1.0)  # an in-place update, like an optimizer step
+    again = model.dictionary("vit", frozen=True)
+    assert again is not first
+    torch.testing.assert_close(again, model.dictionary("vit").detach())
+
+
+@pytest.mark.parametrize("encoder", ["batchnorm", "linear"])
+def test_encode_train_matches_encode_in_training_mode(encoder):
+    model = make(encoder)
+    reference = make(encoder)
+    x = torch.randn(30, DIMS["vit"])
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[3, 17, 30]] = True
+    code, (pre_dead, columns) = model.train().encode_train("vit", x, dead=dead)
+    expected = reference.train().encode("vit", x)
+    torch.testing.assert_close(code.to_dense(), expected.to_dense(), rtol=1e-5, atol=1e-5)
+    assert columns.tolist() == [3, 17, 30]
+    torch.testing.assert_close(pre_dead, reference.encode_pre("vit", x)[:, columns].detach(), rtol=1e-5, atol=1e-5)
+    assert model.encode_train("vit", x, dead=torch.zeros(40, dtype=torch.bool))[1] is None
+    with pytest.raises(ValueError, match="dead must be bool"):
+        model.encode_train("vit", x, dead=torch.zeros(39, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected \[N, 12\]"):
+        model.encode_train("vit", torch.randn(4, 7))

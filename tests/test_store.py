@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from usae.store import ActivationStore, Standardisation, StoreError, StoreWriter
+from usae.standardisation import Standardisation
+from usae.store import ActivationStore, StoreError, StoreWriter
 
 DIMS = {"a": 3, "b": 5}
 GRID = 2  # 4 tokens per image

@@ -149,6 +149,48 @@ def test_joint_update_steps_all_decoders_and_only_the_selected_encoder():
         assert torch.equal(before[f"coders.{j}.linear.weight"], after[f"coders.{j}.linear.weight"]) == (j != i)
 
 
+@pytest.mark.parametrize("aux,update,encoder", [
+    ("none", "paper", "batchnorm"), ("auxk", "paper", "batchnorm"), ("official", "paper", "batchnorm"),
+    ("none", "joint", "linear"), ("auxk", "joint", "linear"), ("official", "joint", "batchnorm")])
+def test_fused_encoder_matches_the_autograd_path(aux, update, encoder):
+    runs = []
+    for fused in (True, False):
+        model = make_model(encoder=encoder, m=64, k=2)  # m >> k: latents go dead within a batch or two
+        if encoder == "batchnorm":  # its true gradient is 0 (exactly, fused); Adam would turn autograd's
+            for coder in model.coders:  # rounding noise into ±lr steps that also move the running mean
+                coder.linear.bias.requires_grad_(False)
+        c = cfg(aux=aux, update=update, steps=6, auxk_k=4, dead_after_tokens=32, aux_coef=1.0, loss="l2")
+        trainer = Trainer(model, c, progress=False)
+        trainer.fused_encoder = fused
+        history = trainer.fit(make_data())
+        runs.append((snapshot(model), history, trainer.since_fire.clone()))
+    (fast, fast_history, fast_fire), (slow, slow_history, slow_fire) = runs
+    if aux == "auxk":
+        assert any(v > 0 for n in DIMS for v in fast_history["aux"][n])  # dead latents were used
+    np.testing.assert_allclose(fast_history["loss"], slow_history["loss"], rtol=1e-4)
+    assert torch.equal(fast_fire, slow_fire)
+    for key in fast:
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_unfused_path_goes_through_the_pre_activation_hook():
+    calls = []
+
+    class Hooked(Trainer):
+        fused_encoder = False
+
+        def _pre_activations(self, name, x):
+            calls.append(name)
+            return super()._pre_activations(name, x)
+
+    Hooked(make_model(), cfg(aux="none", steps=2), progress=False).fit(make_data())
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="mixed_precision = True is only supported on CUDA"):
+        trainer = Trainer(make_model(), cfg(), progress=False)
+        trainer.mixed_precision = True
+        trainer.train_step(make_data(n=32))
+
+
 def test_model_choice_is_uniform_and_seeded():
     c = cfg(steps=150, log_every=150)
     picks = Trainer(make_model(), c, progress=False).fit(make_data())["model"]

@@ -1,5 +1,5 @@
-"""usae.viz_concepts: figures build with the expected traces; the statistics they draw (firing.entropy_histogram,
-firing.cfp_mean_curve) against numpy references."""
+"""usae.viz_concepts: figures build with the expected traces; the statistics they draw (universality.entropy_histogram,
+universality.cfp_mean_curve) against numpy references."""
 
 import math
 
@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from usae import firing
+from usae import concept_selection, universality
 from usae import viz_concepts as vc
 from usae.consistency import consistency
 from usae.firing import FiringStats
@@ -38,7 +38,7 @@ def gallery(concept: int, n: int = 3, g: int = 4, scale: float = 1.0) -> Gallery
 
 def test_entropy_histogram_counts_fired_concepts_and_reports_never_fired():
     st = make_stats()
-    counts, edges, never = firing.entropy_histogram(st, 30)
+    counts, edges, never = universality.entropy_histogram(st, 30)
     h = st.entropy.numpy()
     want, _ = np.histogram(h[~np.isnan(h)], bins=30, range=(0, 1))
     assert never == 3 and counts.tolist() == want.tolist() and int(counts.sum()) == st.n_latents - 3
@@ -55,11 +55,11 @@ def test_cofire_proportion_figure_has_sorted_curves_means_and_the_mean_curve():
     st = make_stats()
     fig = vc.cofire_proportion_figure(st, top=20)
     assert len(fig.data) == 4                                         # 3 models + mean curve
-    curves, means = firing.cfp_curves(st, 20)
+    curves, means = universality.cfp_curves(st, 20)
     for i, name in enumerate(NAMES):
         assert fig.data[i].name == f"{name} (mean {float(means[i]):.3f})"
         assert np.all(np.diff(fig.data[i].y) <= 0)
-    order = firing.concept_order(st)[:20]
+    order = concept_selection.concept_order(st)[:20]
     want = np.sort(st.cofire_proportion[:, order].nan_to_num(0).mean(0).numpy())[::-1]
     np.testing.assert_allclose(fig.data[3].y, want)
 
@@ -67,8 +67,8 @@ def test_cofire_proportion_figure_has_sorted_curves_means_and_the_mean_curve():
 def test_energy_cofire_figure_reports_fits_for_both_panels():
     st = make_stats()
     fig = vc.energy_cofire_figure(st, min_cofires=20)
-    fit_all = firing.energy_cofire_fit(st, 1)
-    fit_min = firing.energy_cofire_fit(st, 20)
+    fit_all = universality.energy_cofire_fit(st, 1)
+    fit_min = universality.energy_cofire_fit(st, 20)
     titles = [a.text for a in fig.layout.annotations]
     assert f"r = {fit_all.pearson_r:.2f}" in titles[0] and f"slope = {fit_min.slope:.2f}" in titles[1]
     markers = [t for t in fig.data if t.mode == "markers"]
@@ -187,8 +187,8 @@ def test_recovery_and_group_tables():
 
 def test_concept_groups_are_disjoint_and_cover_every_concept():
     st = make_stats(m=60)
-    groups = firing.concept_groups(st)
+    groups = concept_selection.concept_groups(st)
     total = sum(g.long() for g in groups.values())
     assert (total == 1).all()
     assert groups["never fired"][:3].all() and groups["unique"][3:6].all()
-    assert set(firing.universal_concepts(st).tolist()) == set(torch.nonzero(groups["universal"]).reshape(-1).tolist())
+    assert set(concept_selection.universal_concepts(st).tolist()) == set(torch.nonzero(groups["universal"]).reshape(-1).tolist())

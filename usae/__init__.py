@@ -1,8 +1,9 @@
 """usae: Universal Sparse Autoencoders (Thasarathan et al., ICML 2025) as a small, fast library.
 
 images -> ``zoo``/``toyworld`` backbones -> ``extract`` tokens -> ``store`` -> ``model`` (``UniversalSAE``,
-``SparseCode``) trained by ``train.Trainer`` -> statistics (``reconstruction``, ``firing``, ``consistency``,
-``groundtruth``) -> ``viz`` figures; ``experiment.Experiment`` caches every artifact for the book.
+``SparseCode``) trained by ``train.Trainer`` -> statistics (``reconstruction``, ``firing``, ``universality``,
+``concept_selection``, ``consistency``, ``groundtruth``) -> ``viz`` figures; ``experiment.Experiment`` caches
+every artifact for the book.
 """
 
 from usae.config import (BackboneSpec, ExperimentConfig, ExtractConfig, ToyWorldConfig, TrainConfig, USAEConfig,

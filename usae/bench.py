@@ -58,7 +58,7 @@ def _load_entries() -> None:
     # entry modules register themselves on import; a module that is not there yet is simply absent
     import importlib
 
-    for module in ("usae.bench_data", "usae.bench_train", "usae.bench_stats", "usae.bench_cam"):
+    for module in ("usae.bench_data", "usae.bench_train", "usae.bench_step", "usae.bench_stats", "usae.bench_cam"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -121,7 +121,7 @@ class ZooTrainConfig(_Config):
     n_train_images: int = 6000
     n_val_images: int = 1000
     steps: int = 600
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
 
@@ -262,6 +262,11 @@ class TrainConfig(_Config):
         _choice(o, "update", self.update, ("paper", "joint"))
         _choice(o, "schedule", self.schedule, ("global", "per_model"))
 
+    def weights_dict(self) -> dict[str, Any]:
+        """The fields that decide the trained weights: ``to_dict()`` without ``checkpoint_every``/``log_every``
+        (an uninterrupted run and a resumed one end bit-identical whatever those are)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("checkpoint_every", "log_every")}
+
 
 @dataclass(frozen=True)
 class ExperimentConfig(_Config):
@@ -347,7 +352,7 @@ def preset(name: str, **overrides: Any) -> ExperimentConfig:
             usae=USAEConfig(n_latents=1024, k=16),
             # 1500 steps instead of the paper's 1.2 M: the paper's lr (3e-4) barely moves the randn-initialised
             # dictionary in so few steps (validation R² 0.08-0.24); 1e-2 reaches 0.93-0.97 on the diagonal
-            train=TrainConfig(steps=1500, batch_size=1024, lr=1e-2, warmup_steps=100),
+            train=TrainConfig(steps=1500, batch_size=1024, lr=1e-2, warmup_steps=100, checkpoint_every=500),
         )
     else:
         cfg = ExperimentConfig(

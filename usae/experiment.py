@@ -3,7 +3,10 @@
 Artifacts live under the runs folder (``data/runs`` or ``$USAE_RUNS``) as ``<stage>-<hash>/``, where the hash
 covers exactly the configuration the stage depends on: changing the USAE's width does not retrain the toy
 zoo. A stage is built in a temporary sibling folder and renamed into place when complete, so an interrupted
-run never leaves a folder that looks finished.
+run never leaves a folder that looks finished; one process at a time builds a given artifact (a lock file).
+The long stages resume after an interruption, even ``kill -9``: the extraction keeps the completed shards of
+its work folder ``.acts-<hash>.store-work`` and training restarts from its last checkpoint in
+``.<stage>-<hash>.checkpoints`` (when ``train.checkpoint_every`` > 0), ending with the same weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from usae.config import ExperimentConfig, preset
-from usae.paths import runs_dir
+from usae.paths import FileLock, runs_dir
 
 
 def _stable_hash(data: Any, length: int = 10) -> str:
@@ -31,14 +34,41 @@ def _stable_hash(data: Any, length: int = 10) -> str:
 class Experiment:
     """Get-or-compute access to the toy world, the backbones, the activation store and what follows.
 
-    ``config``: an ``ExperimentConfig`` or a preset name (``"smoke"``, ``"book"``, ``"paper"``).
+    ``config``: an ``ExperimentConfig`` or a preset name (``"smoke"``, ``"book"``, ``"paper"``). ``images``:
+    an image folder replacing the config's ``source`` (the ``paper`` preset's ImageNet root, holding
+    ``train/`` and ``val/``); only for configs with real backbones, not the toy world. Backbones and SAEs
+    live on ``config.device`` (``"auto"``: CUDA when available). ``shard_bytes``: the store's shard size (also
+    how much an interrupted extraction may have to redo). Bad settings (unknown backbone, k > m, a missing GPU)
+    fail here, before anything is written.
     """
 
     def __init__(self, config: ExperimentConfig | str = "book", runs: str | Path | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, *, images: str | Path | None = None, shard_bytes: int = 1 << 30) -> None:
         self.config = preset(config) if isinstance(config, str) else config
         if not isinstance(self.config, ExperimentConfig):
             raise ValueError(f"config = {config!r} is not valid; expected an ExperimentConfig or a preset name")
+        if images is not None:
+            self.config = with_images(self.config, images)
+        from usae.zoo import get_entry  # ValueError listing the valid names for an unknown backbone
+
+        if not self.is_toy:
+            toys = [n for n in self.config.model_names if get_entry(n).toy]
+            if toys:
+                raise ValueError(f"backbones {toys} are toy models, which only run on the toy world; an image "
+                                 f"folder (source = {self.config.source!r}) needs real zoo models, e.g. the "
+                                 "paper preset's")
+        else:
+            real = [n for n in self.config.zoo.models if not get_entry(n).toy]
+            if real:
+                raise ValueError(f"zoo.models = {list(self.config.zoo.models)} is not valid: {real} are not toy "
+                                 "models; the toy world trains only toy backbones such as 'toy_vit', "
+                                 "'toy_convnext' and 'toy_mixer'")
+        if all(spec.layer is None for spec in self.config.backbones):  # widths known: check k <= m before any work
+            self.config.usae.width({s.name: get_entry(s.name).dim for s in self.config.backbones})
+        self.device  # fail now (before anything is written) when config.device names a missing GPU
+        if not isinstance(shard_bytes, int) or isinstance(shard_bytes, bool) or shard_bytes <= 0:
+            raise ValueError(f"shard_bytes = {shard_bytes!r} is not valid; expected a positive integer")
+        self.shard_bytes = shard_bytes
         self.runs = Path(runs).expanduser() if runs is not None else runs_dir()
         self.runs.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -48,27 +78,47 @@ class Experiment:
         c = self.config
         return f"Experiment(name={c.name!r}, source={c.source!r}, models={list(c.model_names)}, runs={str(self.runs)!r})"
 
+    @property
+    def device(self) -> torch.device:
+        """Where backbones and SAEs run: ``config.device``, with ``"auto"`` = CUDA when available, else CPU."""
+        want = self.config.device
+        if want == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ValueError("ExperimentConfig.device = 'cuda' is not valid on this machine: torch sees no CUDA "
+                             "device; use device='auto' (CUDA when available, else CPU) or 'cpu'")
+        return torch.device(want)
+
     # -- the artifact mechanism -------------------------------------------------------------------------
     def artifact(self, stage: str, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
         """The folder ``<runs>/<stage>-<hash(key)>``, built by ``build(tmp_folder)`` if it does not exist yet."""
         final = self.runs / f"{stage}-{_stable_hash(key)}"
         if final.is_dir():
             return final
-        tmp = self.runs / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        started = time.perf_counter()
+        # one builder at a time (a second process waits, then finds the artifact); the OS drops the lock of a
+        # killed process, whose temp folder is then removed here
+        lock = FileLock(self.runs / f".{final.name}.lock").acquire()
         try:
-            build(tmp)
-            (tmp / "key.json").write_text(json.dumps({"stage": stage, "key": key,
-                                                      "seconds": time.perf_counter() - started}, indent=1))
+            if final.is_dir():
+                return final
+            for stale in self.runs.glob(f".{final.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = self.runs / f".{final.name}.tmp-{os.getpid()}"
+            tmp.mkdir(parents=True)
+            started = time.perf_counter()
             try:
-                os.replace(tmp, final)
-            except OSError:
-                if not final.is_dir():  # someone else finished first: keep theirs
-                    raise
+                build(tmp)
+                (tmp / "key.json").write_text(json.dumps({"stage": stage, "key": key,
+                                                          "seconds": time.perf_counter() - started}, indent=1))
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    if not final.is_dir():  # someone else finished first: keep theirs
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            lock.release(remove=True)
         return final
 
     def _key(self, *parts: str) -> dict[str, Any]:
@@ -82,7 +132,10 @@ class Experiment:
 
     @property
     def world(self):
-        """The ``ToyWorld`` of this experiment."""
+        """The ``ToyWorld`` of this experiment (ValueError for an image folder: use :meth:`images`)."""
+        if not self.is_toy:
+            raise ValueError(f"source = {self.config.source!r} is an image folder, not the toy world; read its "
+                             "images with Experiment.images(split, ids)")
         if "world" not in self._cache:
             from usae.toyworld import ToyWorld
 
@@ -117,7 +170,7 @@ class Experiment:
                     out[spec.name] = load_toy_backbone(spec.name, self.zoo_dir(), layer=spec.layer)
                 else:
                     out[spec.name] = load_backbone(spec)
-                out[spec.name].eval()
+                out[spec.name].to(self.device).eval()
             self._cache["backbones"] = out
         return self._cache["backbones"]
 
@@ -132,6 +185,25 @@ class Experiment:
                 ("ood_combos", cfg.n_val_images), ("ood_textures", cfg.n_val_images))}
         return folder_sources(Path(self.config.source), cfg.image_size, cfg.n_val_images)
 
+    def images(self, split: str, ids) -> torch.Tensor:
+        """Images ``[n, 3, H, W]`` in [0, 1] of ``split`` at image indices ``ids`` (store order, as the
+        store's rows and the galleries' image ids): the toy world's, or the image folder's."""
+        idx = [int(i) for i in torch.as_tensor(ids, dtype=torch.int64).reshape(-1)]
+        if not idx or min(idx) < 0:
+            raise ValueError(f"ids = {idx}: expected one or more image indices >= 0")
+        if self.is_toy:
+            return torch.cat([self.world.batch(split, i, 1).images for i in idx])
+        if "sources" not in self._cache:
+            self._cache["sources"] = self.image_sources()
+        sources = self._cache["sources"]
+        if split not in sources:
+            raise ValueError(f"split = {split!r} is not valid; expected one of {sorted(sources)}")
+        src = sources[split]
+        if max(idx) >= src.n_images:
+            raise ValueError(f"ids reach image {max(idx)} of split {split!r}, which has {src.n_images} images")
+        loaded = [src.load(i, 1) for i in idx]
+        return torch.cat([x[0] if isinstance(x, tuple) else x for x in loaded])
+
     def store(self):
         """The ``ActivationStore`` of every backbone over every split (extracted on first use)."""
         if "store" not in self._cache:
@@ -139,10 +211,15 @@ class Experiment:
             from usae.store import ActivationStore
 
             key = self._acts_key()
+            # the unfinished store lives beside the artifact under a stable name: an interrupted extraction
+            # (even kill -9) resumes there, keeping its completed shards; it becomes the artifact's store
+            work = self.runs / f".acts-{_stable_hash(key)}.store-work"
+            sources = None if (self.runs / f"acts-{_stable_hash(key)}").is_dir() else self.image_sources()
 
             def build(tmp: Path) -> None:
-                extract_store(self.backbones(), self.image_sources(), self.config.extract, tmp / "store",
-                              meta={"key": _stable_hash(key)}, progress=self.progress)
+                extract_store(self.backbones(), sources or self.image_sources(), self.config.extract, tmp / "store",
+                              meta={"key": _stable_hash(key)}, progress=self.progress, work_dir=work,
+                              shard_bytes=self.shard_bytes)
 
             folder = self.artifact("acts", key, build)
             self._cache["store"] = ActivationStore.open(folder / "store", expect_meta={"key": _stable_hash(key)})
@@ -152,13 +229,21 @@ class Experiment:
     def _acts_key(self) -> dict[str, Any]:
         return self._key("source", "backbones", "extract", *(("toy", "zoo") if self.is_toy else ()))
 
+    def _train_key(self, names: tuple[str, ...], changes: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(the TrainConfig with ``changes``, the artifact key of an SAE of ``names`` trained with it)."""
+        train_cfg = self.config.train.replace(**changes)
+        return train_cfg, {"acts": self._acts_key(), "models": list(names), "usae": self.config.usae.to_dict(),
+                           "train": train_cfg.weights_dict()}
+
     def _trained(self, stage: str, names: tuple[str, ...], changes: dict[str, Any]) -> Path:
         from usae.model import UniversalSAE
         from usae.train import Trainer
 
-        train_cfg = self.config.train.replace(**changes)
-        key = {"acts": self._acts_key(), "models": list(names), "usae": self.config.usae.to_dict(),
-               "train": train_cfg.to_dict()}
+        train_cfg, key = self._train_key(names, changes)
+
+        # trainer checkpoints (train_cfg.checkpoint_every > 0) live beside the artifact under a stable name, so
+        # an interrupted run resumes where it stopped; removed once the artifact is complete
+        checkpoints = self.runs / f".{stage}-{_stable_hash(key)}.checkpoints"
 
         def build(tmp: Path) -> None:
             store = self.store()
@@ -166,15 +251,20 @@ class Experiment:
             usae_cfg = self.config.usae
             torch.manual_seed(train_cfg.seed)
             model = UniversalSAE(dims, usae_cfg.width(self.store().dims), usae_cfg.k, encoder=usae_cfg.encoder)
+            model.to(self.device)
             for n in names:
                 model.set_standardisation(n, store.stats[n].mean, store.stats[n].std)
             started = time.perf_counter()
-            history = Trainer(model, train_cfg, progress=self.progress).fit(store)
+            trainer = Trainer(model, train_cfg, progress=self.progress,
+                              checkpoint_dir=checkpoints if train_cfg.checkpoint_every else None)
+            history = trainer.fit(store)
             history["seconds"] = time.perf_counter() - started
             model.save(tmp / "model.safetensors")
             (tmp / "history.json").write_text(json.dumps(history))
 
-        return self.artifact(stage, key, build)
+        folder = self.artifact(stage, key, build)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return folder
 
     def usae(self, **train_changes: Any):
         """The ``UniversalSAE`` trained on the store's train split (eval mode); ``train_changes`` replace
@@ -182,7 +272,62 @@ class Experiment:
         from usae.model import UniversalSAE
 
         folder = self._trained("usae", self.config.model_names, train_changes)
-        return UniversalSAE.load(folder / "model.safetensors").eval()
+        return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
+
+    def adopt_usae(self, folder: str | Path, **train_changes: Any) -> Path:
+        """Install a USAE trained elsewhere as the artifact that ``usae(**train_changes)`` returns, so that the
+        chapters use it instead of training one (e.g. a multi-GPU ``usae.distributed`` run over this
+        experiment's store). ``folder`` holds ``model.safetensors`` and ``history.json`` (what
+        ``usae.distributed`` writes to ``--out``). Checked against this experiment: model names in order,
+        widths, m, k, encoder, the store's standardisation (relative tolerance 1e-3) and the number of steps
+        in the history; the rest of the recipe cannot be read from the files and is trusted. Returns the
+        artifact folder; ValueError if that artifact exists already."""
+        from usae.model import UniversalSAE
+
+        src = Path(folder)
+        files = {name: src / name for name in ("model.safetensors", "history.json")}
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise ValueError(f"folder = {str(src)!r} is not a trained USAE: missing {missing}")
+        names = self.config.model_names
+        train_cfg, key = self._train_key(names, train_changes)
+        final = self.runs / f"usae-{_stable_hash(key)}"
+        if final.exists():
+            raise ValueError(f"this experiment already has a trained USAE for these settings at {final}; remove it "
+                             "first to replace it")
+        store, usae_cfg = self.store(), self.config.usae
+        model = UniversalSAE.load(files["model.safetensors"])
+        want = {"dims": {n: store.dims[n] for n in names}, "n_latents": usae_cfg.width(store.dims), "k": usae_cfg.k,
+                "encoder": usae_cfg.encoder}
+        got = model.config()
+        if got != want or model.names != names:
+            raise ValueError(f"{files['model.safetensors']} holds a USAE {got} (models {list(model.names)}); this "
+                             f"experiment's is {want} (models {list(names)})")
+        for n in names:
+            stats = model.standardisation(n)
+            ref = store.stats[n]
+            if stats is None or not (torch.allclose(stats[0].cpu(), ref.mean, rtol=1e-3, atol=1e-5)
+                                     and torch.allclose(stats[1].cpu(), ref.std, rtol=1e-3, atol=1e-5)):
+                raise ValueError(f"{files['model.safetensors']}: the standardisation of {n!r} "
+                                 f"({None if stats is None else [t.tolist() for t in stats]}) is not the store's "
+                                 f"({ref.mean.tolist()}, {ref.std.tolist()}); it was trained on other activations")
+        history = json.loads(files["history.json"].read_text())
+        steps = len(history.get("loss", []))
+        if steps != train_cfg.steps:
+            raise ValueError(f"{files['history.json']} records {steps} steps; this experiment trains "
+                             f"{train_cfg.steps} (pass the run's settings as train_changes, e.g. steps={steps})")
+
+        def build(tmp: Path) -> None:
+            shutil.copyfile(files["model.safetensors"], tmp / "model.safetensors")
+            shutil.copyfile(files["history.json"], tmp / "history.json")
+            (tmp / "adopted_from.txt").write_text(str(src.resolve()) + "\n")
+
+        return self.artifact("usae", key, build)
+
+    def usae_dir(self, **train_changes: Any) -> Path:
+        """The artifact folder of ``usae(**train_changes)`` (``model.safetensors``, ``history.json``), trained
+        on first use; with ``train.checkpoint_every`` > 0 an interrupted training resumes from its last checkpoint."""
+        return self._trained("usae", self.config.model_names, train_changes)
 
     def usae_history(self, **train_changes: Any) -> dict[str, Any]:
         """The training history of ``usae(**train_changes)``: per-step losses, logged R² matrices, dead latents."""
@@ -201,10 +346,24 @@ class Experiment:
             raise ValueError(f"independent_sae: name = {name!r} is not valid; expected one of "
                              f"{list(self.config.model_names)}")
         folder = self._trained("sae", (name,), train_changes)
-        return UniversalSAE.load(folder / "model.safetensors").eval()
+        return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
 
 
 TRUTH_FACTORS = ("shape", "color", "texture", "bg_color", "object")
+
+
+def with_images(config: ExperimentConfig, images: str | Path) -> ExperimentConfig:
+    """``config`` reading its images from the folder ``images`` (absolute path, so the artifact hash does not
+    depend on the working directory); ValueError for toy-world configs or a missing folder."""
+    if config.source == "toy":
+        raise ValueError(f"images = {str(images)!r} is not valid for config {config.name!r}: it runs on the toy "
+                         "world (source='toy', toy backbones); give images with the 'paper' preset or a config "
+                         "whose backbones are real usae.zoo models")
+    path = Path(images).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"images = {str(images)!r} is not a folder; expected an image folder such as the "
+                         "ImageNet root holding train/<class>/*.JPEG and val/<class>/*.JPEG")
+    return config.replace(source=str(path.resolve()))
 
 
 def toy_source(world, split: str, n_images: int):
@@ -226,7 +385,9 @@ def folder_sources(root: Path, image_size: int, n_val: int) -> dict:
     from usae.extract import ImageFolder, ImageSource, as_source
 
     if not root.is_dir():
-        raise ValueError(f"source = {str(root)!r} is not a folder of images; give 'toy' or an existing folder")
+        raise ValueError(f"source = {str(root)!r} is not a folder of images; give 'toy' or an existing folder (for "
+                         "the paper preset: Experiment('paper', images=FOLDER), papermill -p images FOLDER, or "
+                         "$USAE_IMAGES in the chapters)")
     if (root / "train").is_dir() and (root / "val").is_dir():
         return {"train": as_source(ImageFolder(root / "train", image_size=image_size, shuffle=True, seed=0)),
                 "val": as_source(ImageFolder(root / "val", image_size=image_size))}

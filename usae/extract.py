@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import ExtractConfig
-from .store import STANDARDIZE_MODES, ActivationStore, Standardisation, StoreWriter, _plain_json
+from .standardisation import STANDARDIZE_MODES, Standardisation
+from .store import ActivationStore, StoreWriter, _plain_json
 
-__all__ = ["resample_grid", "ImageFolder", "ImageSource", "as_source", "Standardisation",
-           "fit_standardisation", "extract_store", "IMAGE_EXTENSIONS"]
+__all__ = ["resample_grid", "ImageFolder", "ImageSource", "as_source", "fit_standardisation", "extract_store",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -232,7 +233,8 @@ def extract_store(backbones: Mapping[str, nn.Module], splits: Mapping[str, Sourc
                   out: str | Path, meta: Mapping[str, Any] | None = None,
                   labels: Mapping[str, Callable[[int, int], Mapping[str, Any]]] | None = None,
                   stats: Mapping[str, Standardisation] | None = None, progress: bool = True,
-                  overwrite: bool = False, shard_bytes: int = 1 << 30) -> ActivationStore:
+                  overwrite: bool = False, shard_bytes: int = 1 << 30,
+                  work_dir: str | Path | None = None) -> ActivationStore:
     """Run every backbone over every split's images and write the store at ``out``.
 
     backbones: name -> module mapping images ``[B, 3, H, W]`` in [0, 1] to tokens ``[B, h, w, D]`` (a
@@ -243,6 +245,13 @@ def extract_store(backbones: Mapping[str, nn.Module], splits: Mapping[str, Sourc
     use (e.g. a training store's, for held-out splits); otherwise they are fitted (``cfg.standardize``) on
     the first ``cfg.n_stats_images`` images of split ``"train"``, on each backbone's own grid, without a
     second forward pass. Nothing appears at ``out`` until the store is complete.
+
+    ``work_dir``: where the unfinished store is built (default: a hidden temp folder removed on failure). With
+    a fixed folder the extraction resumes: after an interruption (exception, Ctrl-C, ``kill -9``) a rerun with
+    the same folder and settings keeps every completed shard whose checksums still match, reuses the recorded
+    standardisation and recomputes only the rest, giving the same store as an uninterrupted run. The folder is
+    reused only when ``cfg``, ``meta``, the backbones' names and widths, the split sizes and ``shard_bytes``
+    match; the backbones' weights are not checked, so give each set of weights its own folder or ``meta``.
     """
     if not backbones:
         raise ValueError("backbones is empty; expected at least one name -> backbone")
@@ -279,23 +288,38 @@ def extract_store(backbones: Mapping[str, nn.Module], splits: Mapping[str, Sourc
     for bb in backbones.values():
         bb.eval()
     tpi = cfg.grid * cfg.grid
+    identity = {"cfg": cfg.to_dict(), "meta": meta, "counts": {s: counts[s] for s in order},
+                "given_stats": None if stats is None else {n: stats[n].to_dict() for n in names}}
     bar = tqdm(total=sum(counts.values()), unit="img", desc="extract", disable=not progress)
     pool = ThreadPoolExecutor(1)  # loads the next batch while the backbones run
     try:
-        with StoreWriter(out, dims, cfg.grid, cfg.dtype, overwrite=overwrite, shard_bytes=shard_bytes) as writer:
+        with StoreWriter(out, dims, cfg.grid, cfg.dtype, overwrite=overwrite, shard_bytes=shard_bytes,
+                         work_dir=work_dir, identity=identity) as writer:
+            if stats is not None:
+                writer.record_stats(stats)
+            elif writer.resumed_stats is not None:  # fitted by the interrupted run: the same numbers
+                stats, n_stats = writer.resumed_stats, 0
+            else:
+                writer.discard_done()
             raw: dict[str, list[Tensor]] = {n: [] for n in names}
             moments = {n: _Moments() for n in names}
             for split in order:
                 writer.add_split(split, counts[split])
                 src, n_img, bs = sources[split], counts[split], cfg.batch_size
-                starts = list(range(0, n_img, bs))
-                pending = pool.submit(src.load, 0, min(bs, n_img))
-                for bi, start in enumerate(starts):
-                    count = min(bs, n_img - start)
+                # batches never straddle a shard, so a shard kept from an interrupted run is skipped whole
+                todo = []
+                for first, stop, done in writer.shards(split):
+                    if done:
+                        bar.update(stop - first)
+                    else:
+                        todo += [(b, min(bs, stop - b)) for b in range(first, stop, bs)]
+                if not todo:
+                    continue
+                pending = pool.submit(src.load, *todo[0])
+                for bi, (start, count) in enumerate(todo):
                     images, batch_labels = _images_of(pending.result())
-                    if bi + 1 < len(starts):
-                        nxt = starts[bi + 1]
-                        pending = pool.submit(src.load, nxt, min(bs, n_img - nxt))
+                    if bi + 1 < len(todo):
+                        pending = pool.submit(src.load, *todo[bi + 1])
                     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != count:
                         raise ValueError(f"split {split!r}: load({start}, {count}) returned "
                                          f"{getattr(images, 'shape', type(images))}; expected [{count}, 3, H, W]")
@@ -325,6 +349,7 @@ def extract_store(backbones: Mapping[str, nn.Module], splits: Mapping[str, Sourc
                         _write_tokens(writer, split, name, start * tpi, stats[name].apply(tokens), count, start)
                     if in_stats and start + count >= n_stats:
                         stats = {n: moments[n].result(mode) for n in names}
+                        writer.record_stats(stats)
                         for name in names:
                             rows = torch.cat(raw[name])
                             raw[name] = []

@@ -13,30 +13,30 @@ Definitions (paper Sec. 3.4 / Eq. 9-14; official-code variants where they differ
 Codes are never densified: a batch costs O(N k M) memory and the accumulator O(M m), so ImageNet-val
 (9.8 M tokens x 3 models, m = 6144, k = 32) fits in well under 4 GB (see ``usae.bench_stats``). Each code row
 must hold distinct indices (true for TopK codes).
+
+Fig. 6's summaries of these statistics are in ``usae.universality``, concept selection in ``usae.concept_selection``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from usae.paths import load_tensors, save_tensors
 from usae.reconstruction import aligned_batches
 
 ENERGY_VARIANTS = ("eq9", "code")
 BACKENDS = ("auto", "numpy", "torch")  # auto: numpy for CPU codes, torch (any device) otherwise
 __all__ = ["FiringStats", "FiringAccumulator", "firing_stats", "encoded_batches", "decoder_atom_norms", "check_codes",
-           "LogLogFit", "loglog_fit", "energy_cofire_fit", "concept_order", "cfp_curves", "cfp_mean_curve",
-           "entropy_histogram", "concept_groups", "universal_concepts",
-           "pairwise_concepts", "unique_concepts", "ENERGY_VARIANTS", "BACKENDS"]
+           "ENERGY_VARIANTS", "BACKENDS"]
 
 
 @dataclass
@@ -152,25 +152,15 @@ class FiringStats:
     # -- persistence: safetensors, names/threshold/n_tokens in its string metadata ------------------------------
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file, then ``os.replace``)."""
-        from safetensors.torch import save_file
-
         tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self)
                    if isinstance(getattr(self, f.name), Tensor)}
-        meta = {"names": json.dumps(list(self.names)), "threshold": repr(self.threshold),
-                "n_tokens": str(self.n_tokens)}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        save_tensors(path, tensors, {"names": json.dumps(list(self.names)), "threshold": repr(self.threshold),
+                                     "n_tokens": str(self.n_tokens)})
 
     @classmethod
     def load(cls, path: str | Path) -> "FiringStats":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata()
-            return cls(tuple(json.loads(meta["names"])), float(meta["threshold"]), int(meta["n_tokens"]),
-                       **{k: fh.get_tensor(k) for k in fh.keys()})
+        tensors, meta = load_tensors(path)
+        return cls(tuple(json.loads(meta["names"])), float(meta["threshold"]), int(meta["n_tokens"]), **tensors)
 
 
 def _check_variant(variant: str) -> None:
@@ -253,8 +243,9 @@ class FiringAccumulator:
             raise ValueError(f"names = {list(names)!r}: expected one or more distinct model names")
         if n_latents <= 0:
             raise ValueError(f"n_latents = {n_latents}: expected a positive integer")
-        if not threshold >= 0:
-            raise ValueError(f"threshold = {threshold}: expected a number >= 0")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+            raise ValueError(f"threshold = {threshold!r} is not valid; expected a number >= 0 (a concept fires on "
+                             "a token when its code value exceeds it; the paper's tau is 0.1)")
         if backend not in BACKENDS:
             raise ValueError(f"backend = {backend!r} is not valid; expected one of {list(BACKENDS)}")
         self.names, self.n_latents, self.threshold = tuple(names), int(n_latents), float(threshold)
@@ -354,129 +345,3 @@ def firing_stats(model: Any, acts: Any, threshold: float = 0.1, batch_size: int 
     for codes in encoded_batches(model, acts, split, batch_size, progress, desc="firing stats"):
         acc.update(codes)
     return acc.result(decoder_atom_norms(model))
-
-
-# -- universality vs importance (Fig. 6c) and concept selection ------------------------------------------------
-class LogLogFit(NamedTuple):
-    """Least-squares line log10(y) = slope log10(x) + intercept, Pearson r of the logs, points used."""
-
-    slope: float
-    intercept: float
-    pearson_r: float
-    n_concepts: int
-
-
-def loglog_fit(x: Tensor, y: Tensor) -> LogLogFit:
-    """Fit over the entries of ``x``, ``y`` [n] with both > 0 (and finite); NaN with fewer than 2 points."""
-    keep = (x > 0) & (y > 0) & torch.isfinite(x.double()) & torch.isfinite(y.double())
-    lx, ly = torch.log10(x[keep].double()), torch.log10(y[keep].double())
-    n = int(keep.sum())
-    if n < 2 or float(lx.var()) == 0.0:
-        return LogLogFit(math.nan, math.nan, math.nan, n)
-    dx, dy = lx - lx.mean(), ly - ly.mean()
-    slope = float((dx * dy).sum() / (dx * dx).sum())
-    r = float((dx * dy).sum() / ((dx * dx).sum() * (dy * dy).sum()).sqrt())
-    return LogLogFit(slope, float(ly.mean() - slope * lx.mean()), r, n)
-
-
-def energy_cofire_fit(stats: FiringStats, min_cofires: int = 1, variant: str = "code",
-                      reduce: str = "mean") -> LogLogFit:
-    """Fig. 6c: co-fire count (x) vs aggregated energy (y), log-log, concepts with >= ``min_cofires``.
-
-    The defaults reproduce how the figure was made (official code: unsquared energy, mean over models;
-    ``reduce`` only moves the intercept). Paper: r = 0.63, slope 0.23 (all); r = 0.89, slope 0.70 (>= 1000).
-    """
-    keep = stats.cofires >= min_cofires
-    return loglog_fit(stats.cofires[keep].double(), stats.aggregated_energy_of(variant, reduce)[keep])
-
-
-def concept_order(stats: FiringStats, variant: str = "eq9") -> Tensor:
-    """[m] concept ids by aggregated energy, descending (ties: lower id first)."""
-    e = stats.aggregated_energy_of(variant, "sum")
-    return torch.sort(-e, stable=True).indices
-
-
-def cfp_curves(stats: FiringStats, top: int = 1000, variant: str = "eq9") -> tuple[Tensor, Tensor]:
-    """Fig. 6b: for the ``top`` concepts by energy, each model's CFP sorted descending [M, top] and its mean [M].
-
-    Concepts that never fire in a model count as CFP 0 there.
-    """
-    chosen = concept_order(stats, variant)[:top]
-    cfp = stats.cofire_proportion[:, chosen].nan_to_num(0.0)
-    return cfp.sort(dim=1, descending=True).values, cfp.mean(1)
-
-
-def cfp_mean_curve(stats: FiringStats, top: int = 1000, variant: str = "eq9") -> Tensor:
-    """Fig. 6b's mean curve: for the ``top`` concepts by energy, the CFP averaged over models, sorted [top]."""
-    chosen = concept_order(stats, variant)[:top]
-    return stats.cofire_proportion[:, chosen].nan_to_num(0.0).mean(0).sort(descending=True).values
-
-
-def entropy_histogram(stats: FiringStats, n_bins: int = 30) -> tuple[Tensor, Tensor, int]:
-    """Fig. 6a: (counts [n_bins], bin edges [n_bins + 1] over [0, 1], number of never-fired concepts).
-
-    Only concepts that fire somewhere are binned (1.0 falls in the last bin); never-fired concepts have no
-    entropy and are counted apart (the official code puts them in the first bin at 0).
-    """
-    if not isinstance(n_bins, int) or n_bins <= 0:
-        raise ValueError(f"n_bins = {n_bins!r} is not valid; expected a positive integer")
-    if stats.n_models < 2:
-        raise ValueError(f"firing entropy needs >= 2 models; got {stats.n_models} ({list(stats.names)})")
-    h = stats.entropy
-    fired = h[~stats.never_fired].double().numpy()
-    counts, edges = np.histogram(fired, bins=n_bins, range=(0.0, 1.0))
-    return torch.from_numpy(counts), torch.from_numpy(edges), int(stats.never_fired.sum())
-
-
-def _ordered(stats: FiringStats, mask: Tensor) -> Tensor:
-    order = concept_order(stats)
-    return order[mask[order]]
-
-
-def universal_concepts(stats: FiringStats, min_entropy: float = 0.9, min_cfp: float = 0.5) -> Tensor:
-    """Concept ids with entropy >= ``min_entropy`` and CFP >= ``min_cfp`` in every model, by energy."""
-    cfp = stats.cofire_proportion.nan_to_num(0.0)
-    return _ordered(stats, (stats.entropy.nan_to_num(-1.0) >= min_entropy) & (cfp >= min_cfp).all(0))
-
-
-def pairwise_concepts(stats: FiringStats, min_pair_mass: float = 0.95,
-                      min_share: float = 0.25) -> tuple[Tensor, Tensor]:
-    """Concepts whose fires fall on exactly two models: (ids by energy [n], model pairs [n, 2], ascending).
-
-    Kept when the two largest shares hold >= ``min_pair_mass`` of the fires and the smaller of them is
-    >= ``min_share``; the uniform two-model case has entropy log 2 / log M (0.631 for M = 3).
-    """
-    if stats.n_models < 3:
-        raise ValueError(f"pairwise concepts need >= 3 models; got {stats.n_models} ({list(stats.names)})")
-    p = stats.fire_distribution.nan_to_num(0.0)
-    top2 = p.topk(2, dim=0)
-    mask = (top2.values.sum(0) >= min_pair_mass) & (top2.values[1] >= min_share) & ~stats.never_fired
-    ids = _ordered(stats, mask)
-    return ids, top2.indices[:, ids].T.sort(dim=1).values
-
-
-def unique_concepts(stats: FiringStats, max_entropy: float = 0.2) -> tuple[Tensor, Tensor]:
-    """Model-unique concepts (Sec. 4.6): entropy <= ``max_entropy``; (ids by energy [n], dominant model [n])."""
-    ids = _ordered(stats, stats.entropy.nan_to_num(math.inf) <= max_entropy)
-    return ids, stats.fire_distribution[:, ids].argmax(0)
-
-
-def concept_groups(stats: FiringStats, min_entropy: float = 0.9, min_cfp: float = 0.5,
-                   max_entropy: float = 0.2) -> dict[str, Tensor]:
-    """[m] bool masks of disjoint concept kinds: ``"universal"`` (entropy >= ``min_entropy`` and CFP >=
-    ``min_cfp`` in every model), ``"even, not co-firing"`` (entropy >= ``min_entropy``, not universal),
-    ``"pairwise"`` (see :func:`pairwise_concepts`), ``"unique"`` (entropy <= ``max_entropy``), ``"other"``
-    (fires, none of these) and ``"never fired"``."""
-    m = stats.n_latents
-    universal = torch.zeros(m, dtype=torch.bool)
-    universal[universal_concepts(stats, min_entropy, min_cfp)] = True
-    even = (stats.entropy.nan_to_num(-1.0) >= min_entropy) & ~universal
-    pair = torch.zeros(m, dtype=torch.bool)
-    if stats.n_models >= 3:
-        pair[pairwise_concepts(stats)[0]] = True
-    unique = (stats.entropy.nan_to_num(math.inf) <= max_entropy) & ~pair
-    pair &= ~universal & ~even
-    never = stats.never_fired
-    other = ~(universal | even | pair | unique | never)
-    return {"universal": universal, "even, not co-firing": even, "pairwise": pair, "unique": unique,
-            "other": other, "never fired": never}

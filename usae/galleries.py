@@ -23,11 +23,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from usae import firing
+from usae import concept_selection, firing
 
 POOLINGS = ("mean", "max", "quantile")
 __all__ = ["POOLINGS", "TopImages", "Gallery", "concept_values", "pool_heatmaps", "top_images", "concept_heatmaps",
-           "toy_images", "galleries", "most_universal", "showcase_concepts"]
+           "toy_images", "gallery_images", "galleries", "most_universal", "showcase_concepts"]
 
 
 def _concept_ids(concepts: Any, n_latents: int) -> Tensor:
@@ -203,23 +203,35 @@ class Gallery:
         return max(float(m.max()) for m in self.heatmaps.values())
 
 
+def gallery_images(world: Any, split: str, images: Sequence[int] | Tensor) -> Tensor:
+    """[n, 3, H, W] images of ``split`` at the given indices from a ToyWorld (``.batch``) or from a loader
+    ``world(split, ids)`` such as ``Experiment.images`` (an image folder's images, e.g. ImageNet-val)."""
+    if hasattr(world, "batch"):
+        return toy_images(world, split, images)
+    if callable(world):
+        return world(split, images)
+    raise ValueError(f"world of type {type(world).__name__} is not valid; expected a ToyWorld or a loader "
+                     "images(split, ids) -> [n, 3, H, W] such as Experiment.images")
+
+
 def galleries(model: Any, acts: Any, world: Any, concepts: Any, split: str = "val", n_images: int = 6,
               pooling: str = "mean", quantile: float = 0.9, grid: int | None = None,
               progress: bool = False) -> dict[int, Gallery]:
-    """{concept: Gallery} of a ToyWorld experiment: one :func:`top_images` pass, then each concept's heatmaps."""
+    """{concept: Gallery}: one :func:`top_images` pass, then each concept's heatmaps. ``world``: where the
+    images come from (see :func:`gallery_images`: a ToyWorld or ``Experiment.images``)."""
     top = top_images(model, acts, concepts, split, n_images, pooling, quantile, grid, progress=progress)
     out = {}
     for k in top.concepts.tolist():
         ids, scores = top.of(k)
         maps = concept_heatmaps(model, acts, ids, [k], split, grid)
-        out[k] = Gallery(k, split, ids, scores, toy_images(world, split, ids), {n: m[0] for n, m in maps.items()})
+        out[k] = Gallery(k, split, ids, scores, gallery_images(world, split, ids), {n: m[0] for n, m in maps.items()})
     return out
 
 
 def most_universal(stats: Any, n: int = 10, min_entropy: float = 0.9) -> list[int]:
     """Concepts with firing entropy >= ``min_entropy`` ranked by their co-fire proportion in their *worst*
     model (min over models), highest first; ties by energy. The paper's "most universal" concepts."""
-    order = firing.concept_order(stats)
+    order = concept_selection.concept_order(stats)
     worst = stats.cofire_proportion.nan_to_num(0.0).min(0).values[order]
     keep = stats.entropy.nan_to_num(-1.0)[order] >= min_entropy
     ranked = order[keep][torch.sort(-worst[keep], stable=True).indices]
@@ -230,17 +242,17 @@ def showcase_concepts(stats: Any, n_per_group: int = 2, min_entropy: float = 0.9
                       max_entropy: float = 0.2) -> dict[str, list[int]]:
     """Concepts worth a gallery: ``{"most universal": [...], "pairwise a+b": [...], "unique to a": [...]}``
     (groups with no concept are left out). "most universal": :func:`most_universal`; pairwise and unique:
-    ``usae.firing.pairwise_concepts`` (M >= 3) and ``unique_concepts``, most energetic first."""
+    ``usae.concept_selection.pairwise_concepts`` (M >= 3) and ``unique_concepts``, most energetic first."""
     out: dict[str, list[int]] = {}
     uni = most_universal(stats, n_per_group, min_entropy)
     if uni:
         out["most universal"] = uni
     if stats.n_models >= 3:
-        ids, pairs = firing.pairwise_concepts(stats)
+        ids, pairs = concept_selection.pairwise_concepts(stats)
         for a, b in sorted({tuple(p) for p in pairs.tolist()}):
             chosen = ids[(pairs[:, 0] == a) & (pairs[:, 1] == b)][:n_per_group]
             out[f"pairwise {stats.names[a]}+{stats.names[b]}"] = chosen.tolist()
-    ids, owner = firing.unique_concepts(stats, max_entropy)
+    ids, owner = concept_selection.unique_concepts(stats, max_entropy)
     for i, name in enumerate(stats.names):
         chosen = ids[owner == i][:n_per_group]
         if len(chosen):

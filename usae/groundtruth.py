@@ -14,8 +14,8 @@ the result is exact up to the final division (rank sums are exact integers in fl
 
 from __future__ import annotations
 
+import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from usae.firing import check_codes, encoded_batches
+from usae.paths import load_tensors, save_tensors
 
 __all__ = ["GroundTruthStats", "GroundTruthAccumulator", "ground_truth_stats", "SparseRanks", "sparse_ranks",
            "auroc_table", "auroc_from_sparse", "recovery_table", "group_truth", "metric_agreement"]
@@ -179,32 +180,20 @@ class GroundTruthStats:
 
     def save(self, path: str | Path) -> None:
         """safetensors (tensors ``auroc.<factor>``, ``n_positive.<factor>``) + JSON metadata; atomic."""
-        import json
-
-        from safetensors.torch import save_file
-
         tensors = {f"auroc.{f}": a.contiguous() for f, a in self.auroc.items()}
         tensors.update({f"n_positive.{f}": c.contiguous() for f, c in self.n_positive.items()})
-        meta = {"json": json.dumps({"names": list(self.names), "n_tokens": self.n_tokens,
-                                    "factors": list(self.factors),
-                                    "value_names": {f: list(v) for f, v in self.value_names.items()}})}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        save_tensors(path, tensors, {"json": json.dumps({
+            "names": list(self.names), "n_tokens": self.n_tokens, "factors": list(self.factors),
+            "value_names": {f: list(v) for f, v in self.value_names.items()}})})
 
     @classmethod
     def load(cls, path: str | Path) -> "GroundTruthStats":
-        import json
-
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["json"])
-            return cls(tuple(meta["names"]), int(meta["n_tokens"]),
-                       {f: fh.get_tensor(f"auroc.{f}") for f in meta["factors"]},
-                       {f: fh.get_tensor(f"n_positive.{f}") for f in meta["factors"]},
-                       {f: tuple(v) for f, v in meta["value_names"].items()})
+        tensors, raw = load_tensors(path)
+        meta = json.loads(raw["json"])
+        return cls(tuple(meta["names"]), int(meta["n_tokens"]),
+                   {f: tensors[f"auroc.{f}"] for f in meta["factors"]},
+                   {f: tensors[f"n_positive.{f}"] for f in meta["factors"]},
+                   {f: tuple(v) for f, v in meta["value_names"].items()})
 
 
 class GroundTruthAccumulator:

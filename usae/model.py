@@ -5,6 +5,10 @@ Model ``i`` (width d_i) has an encoder ``x [N, d_i] -> pre [N, m]`` (Linear -> B
 bias-free decoder whose dictionary rows are re-normalised to unit L2 norm on every forward
 (``W / (||W_row|| + 1e-8)``, as the official code). A code from any encoder decodes into every model.
 
+Training uses ``encode_train`` (the fused encoder of ``usae.kernels.encoder``: exact gradients without the
+dense weight-gradient GEMM) or ``encode_pre_train`` (same, with a dense gradient, for the official auxiliary
+loss); ``decode`` goes through ``sparse_decode_many`` (one pass, one index plan for every dictionary).
+
 Per-model standardisation statistics (the ``(x - mean) / (std + 1e-5)`` applied before the encoder) travel
 with the model: ``set_standardisation`` stores them, ``standardise`` applies them, ``save``/``load`` keep them.
 Rows coming from an ``ActivationStore`` are already standardised; raw backbone tokens (e.g. CAM) are not.
@@ -18,12 +22,17 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
+from usae.kernels.encoder import dense_pre, encoder_forward, gather_pre
+from usae.kernels.groups import group_by_latent
+from usae.kernels.select import topk_indices
 from usae.paths import atomic_write
-from usae.sparse import SparseCode, sparse_decode, topk_encode
+from usae.sparse import SparseCode, sparse_decode_many, topk_encode
 
 __all__ = ["UniversalSAE", "ENCODERS", "normalise_rows"]
 
@@ -32,9 +41,28 @@ _FORMAT = "usae.UniversalSAE/1"
 STANDARDISATION_EPS = 1e-5
 
 
+class _NormaliseRows(torch.autograd.Function):
+    """w / (||w|| + eps) per row: two passes forward, two backward (autograd's version takes about six)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, eps: float) -> Tensor:
+        norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+        scale = 1.0 / (norm + eps)
+        ctx.save_for_backward(weight, norm, scale)
+        return weight * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        # d/dw [w s(||w||)] · g = s g − w (s² / ||w||) (w·g), s = 1/(||w|| + eps); rows with w = 0 get s g
+        weight, norm, scale = ctx.saved_tensors
+        coef = torch.where(norm > 0, scale.square() / norm, 0.0) * torch.linalg.vecdot(weight, grad).unsqueeze(1)
+        return (grad * scale).sub_(weight * coef), None
+
+
 def normalise_rows(weight: Tensor, eps: float = 1e-8) -> Tensor:
     """Unit-L2 rows: weight [m, d] -> weight / (||row|| + eps) (the official ``l2`` dictionary normalisation)."""
-    return weight / (weight.norm(dim=1, keepdim=True) + eps)
+    return _NormaliseRows.apply(weight, eps)
 
 
 class ModelCoder(nn.Module):
@@ -152,9 +180,55 @@ class UniversalSAE(nn.Module):
         """x [N, d] (standardised activations of model ``name``) -> SparseCode with k latents per token."""
         return topk_encode(self.encode_pre(name, x), self.k)
 
-    def dictionary(self, name: str) -> Tensor:
-        """Unit-row dictionary of model ``name``: [m, d] (differentiable w.r.t. the raw weight)."""
-        return normalise_rows(self.coder(name).dictionary)
+    def encode_train(self, name: str, x: Tensor, *, dead: Tensor | None = None, out: Tensor | None = None,
+                     bf16: bool = False) -> tuple[SparseCode, tuple[Tensor, Tensor] | None]:
+        """Training-mode encoding with the fused encoder (``usae.kernels.encoder``): x [N, d] -> (code, dead_pre).
+
+        The dense pre-activations are computed without autograd (BatchNorm folded into one GEMM, its running
+        statistics updated); the TopK code backpropagates into the encoder through an exact sparse backward
+        with no [N, m] gradient. With ``dead`` ([m] bool) also returns (pre[:, columns] [N, C], columns [C])
+        for the C dead latents (None when there are none), with a dense backward restricted to those columns
+        (for AuxK). ``out``: an [N, m] float32 buffer to reuse; ``bf16``: bfloat16 encoder GEMM (CUDA only).
+        """
+        self._check_input(name, x)
+        coder = self.coder(name)
+        enc = encoder_forward(coder.linear, coder.bn, x, out=out, bf16=bf16)
+        indices = topk_indices(enc.pre, self.k)
+        groups = group_by_latent(indices, self.n_latents)
+        code = SparseCode(F.relu(gather_pre(enc, indices, groups)), indices, self.n_latents)
+        code._plans["groups"] = groups  # shared by the encoder's and the decoders' backward
+        if dead is None:
+            return code, None
+        if dead.shape != (self.n_latents,) or dead.dtype != torch.bool:
+            raise ValueError(f"encode_train: dead must be bool [{self.n_latents}], got {dead.dtype} "
+                             f"{tuple(dead.shape)}")
+        columns = dead.nonzero().squeeze(1)
+        if columns.numel() == 0:
+            return code, None
+        return code, (dense_pre(enc, None if columns.numel() == self.n_latents else columns), columns)
+
+    def encode_pre_train(self, name: str, x: Tensor, *, bf16: bool = False) -> Tensor:
+        """Training-mode pre-activations [N, m] with the fused encoder's exact backward (dense gradient; for
+        the official auxiliary loss). Same values and gradients as ``encode_pre`` in training mode."""
+        self._check_input(name, x)
+        coder = self.coder(name)
+        return dense_pre(encoder_forward(coder.linear, coder.bn, x, bf16=bf16))
+
+    def dictionary(self, name: str, *, frozen: bool = False) -> Tensor:
+        """Unit-row dictionary of model ``name``: [m, d] (differentiable w.r.t. the raw weight).
+
+        frozen=True: without gradient, and computed again only when the raw weight changed since the last
+        call (a training step that does not update this model reuses it).
+        """
+        raw = self.coder(name).dictionary
+        if not frozen:
+            return normalise_rows(raw)
+        cache = self.__dict__.setdefault("_frozen_dictionaries", {})
+        key = (raw.data_ptr(), raw._version, raw.dtype, raw.device)
+        if name not in cache or cache[name][0] != key:
+            with torch.no_grad():
+                cache[name] = (key, normalise_rows(raw))
+        return cache[name][1]
 
     def decode(self, code: SparseCode, targets: Sequence[str] | None = None, *,
                frozen: Collection[str] = (), backend: str = "auto") -> dict[str, Tensor]:
@@ -166,11 +240,10 @@ class UniversalSAE(nn.Module):
             got = code.n_latents if isinstance(code, SparseCode) else type(code).__name__
             raise ValueError(f"decode: code has n_latents={got}; expected a SparseCode with {self.n_latents}")
         targets = self.names if targets is None else tuple(targets)
-        out = {}
-        for name in targets:
-            weight = self.dictionary(name)
-            out[name] = sparse_decode(code, weight.detach() if name in frozen else weight, backend)
-        return out
+        if not targets:
+            return {}
+        weights = [self.dictionary(n, frozen=n in frozen) for n in targets]
+        return dict(zip(targets, sparse_decode_many(code, weights, backend)))
 
     def forward(self, name: str, x: Tensor, targets: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Encode with model ``name`` and decode into ``targets`` (default all)."""
@@ -240,6 +313,11 @@ class UniversalSAE(nn.Module):
 
     def load_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """Load a state dict (strict), including standardisation buffers when present."""
+        width = tensors.get("coders.0.dictionary")
+        if isinstance(width, Tensor) and width.dim() == 2 and width.shape[0] != self.n_latents:
+            raise ValueError(f"state does not match this UniversalSAE: it has n_latents = {width.shape[0]}, the "
+                             f"model has n_latents = {self.n_latents}; build the model with n_latents="
+                             f"{width.shape[0]} or use UniversalSAE.load(path), which reads the width from the file")
         for i, coder in enumerate(self.coders):
             mean, std = tensors.get(f"coders.{i}.standard_mean"), tensors.get(f"coders.{i}.standard_std")
             if (mean is None) != (std is None):

@@ -85,7 +85,9 @@ def official_state_dict(path: str | Path) -> dict[str, Tensor]:
     needed = [_LINEAR + "weight", _LINEAR + "bias", _DICT]
     missing = [k for k in needed if k not in state]
     if missing:
-        raise ValueError(f"{path}: missing {missing}; found {sorted(state)}")
+        raise ValueError(f"{path}: not a complete official USAE checkpoint: missing {missing}; found "
+                         f"{sorted(state)}; expected the TopK SAE state dict of github.com/YorkUCVIL/UniversalSAE "
+                         f"({needed + [_BN + 'weight', '...']})")
     return state
 
 
@@ -123,7 +125,8 @@ def load_official(checkpoints: str | Path | Mapping[str, str | Path], k: int = 3
         if model.encoder_kind == "batchnorm":
             for part in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 if _BN + part not in state:
-                    raise ValueError(f"{files[name]}: missing {_BN + part}")
+                    raise ValueError(f"{files[name]}: not a complete official USAE checkpoint: missing "
+                                     f"{_BN + part!r} of its BatchNorm encoder; found {sorted(state)}")
                 tensors[f"coders.{i}.bn.{part}"] = state[_BN + part]
     model.load_tensors({key: t.float() if t.is_floating_point() else t for key, t in tensors.items()})
     for name, stats in (standardisation or {}).items():

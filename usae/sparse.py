@@ -7,32 +7,39 @@ uses, so it costs O(N·k·d) instead of the O(N·m·d) of a dense matmul, and so
 - ``grad_values[n, j] = <grad_out[n], weight[indices[n, j]]>``  (a sampled dense-dense product),
 - ``grad_weight = Zᵀ · grad_out``, Z the sparse code, touching only the rows that were used.
 
-The index work of the backward (the transpose of the code's sparsity pattern) depends only on the indices,
-so it is computed once per code and shared by every decoder the code is decoded into.
+The index work of the backward (grouping the code's entries by latent, ``usae.kernels.groups``) depends only
+on the indices, so it is computed once per code and shared by every decoder the code is decoded into.
+``sparse_decode_many`` decodes one code into all M dictionaries in one call: one value gradient for all of
+them, weight gradients only for the dictionaries that require one.
 
 Backends
 --------
-``sparse_decode`` dispatches to a named backend (``register_backend``). ``"torch"`` uses
-``F.embedding_bag``, ``torch.sparse.sampled_addmm`` and a CSR matmul and runs on any device; Triton kernels
-can register under another name and be picked by ``backend="auto"``.
+``sparse_decode`` dispatches to a named backend (``register_backend``). ``"torch"`` (``usae.kernels.torch_ops``:
+blocked ``F.embedding_bag``, ``torch.sparse.sampled_addmm``, segmented ``embedding_bag``) runs on any device;
+``"triton"`` (``usae.kernels.triton_backend``) registers itself on first use on CUDA and is what
+``backend="auto"`` picks there. triton is imported only then, so CPU machines never need it.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from usae.kernels.groups import LatentGroups, group_by_latent
+from usae.kernels.select import topk_indices
+from usae.kernels.torch_ops import RowPattern, gather_sum, row_pattern, sampled_dots, segment_rows_grouped
+
 __all__ = [
     "SparseCode",
     "DecodeBackend",
     "topk_encode",
     "sparse_decode",
+    "sparse_decode_many",
     "dense_decode_reference",
     "register_backend",
     "available_backends",
@@ -78,6 +85,13 @@ class SparseCode:
     def to(self, device: torch.device | str) -> "SparseCode":
         return SparseCode(self.values.to(device), self.indices.to(device), self.n_latents)
 
+    def latent_groups(self) -> LatentGroups:
+        """The entries grouped by latent (built once per code, shared by every backward that needs it)."""
+        groups = self._plans.get("groups")
+        if groups is None:
+            groups = self._plans["groups"] = group_by_latent(self.indices, self.n_latents)
+        return groups
+
     def to_dense(self) -> Tensor:
         """The dense code ``[N, n_latents]`` (tests and tiny examples only)."""
         dense = self.values.new_zeros(len(self), self.n_latents)
@@ -95,13 +109,19 @@ def topk_encode(pre: Tensor, k: int) -> SparseCode:
         raise ValueError(f"topk_encode: pre must be [N, m], got shape {tuple(pre.shape)}")
     if not 1 <= k <= pre.shape[1]:
         raise ValueError(f"topk_encode: k = {k} is not valid; expected 1 <= k <= m={pre.shape[1]}")
-    top = pre.topk(k, dim=1, sorted=False)
-    return SparseCode(F.relu(top.values), top.indices, pre.shape[1])
+    indices = topk_indices(pre, k)
+    return SparseCode(F.relu(pre.gather(1, indices)), indices, pre.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
 class DecodeBackend(Protocol):
-    """What a decode backend provides (all tensors on one device; ``plan`` is backend-private)."""
+    """What a decode backend provides (all tensors on one device; ``plan`` is backend-private).
+
+    Optional, used by ``sparse_decode_many`` when present (else it loops over the methods below):
+    ``forward_many(values, indices, weights) -> [out_j]``, ``grad_values_many(plan, grads, weights) -> [N, k]``
+    (summed over dictionaries), ``grad_weights_many(plan, values, grads) -> [grad_j]``; and
+    ``shares_groups = True`` when ``plan`` accepts ``groups=`` (the code's cached ``LatentGroups``).
+    """
 
     def forward(self, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
         """values [N, k], indices [N, k], weight [m, d] -> out [N, d] = sum_j values[:, j] weight[indices[:, j]]."""
@@ -118,49 +138,39 @@ class DecodeBackend(Protocol):
 
 @dataclass
 class _TorchPlan:
-    pattern: Tensor        # CSR [N, m], columns sorted within each row, for sampled_addmm
-    row_order: Tensor      # [N, k]: position in the row-sorted pattern -> position in the code row
-    t_crow: Tensor         # [m + 1] CSR row pointers of the transposed code Zᵀ [m, N]
-    t_col: Tensor          # [N·k] token of each entry of Zᵀ
-    t_perm: Tensor         # [N·k] flat code position of each entry of Zᵀ
-    n_latents: int
-
-
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+    pattern: RowPattern    # the code's rows as sorted CSR, for the sampled products of grad_values
+    groups: LatentGroups   # the code's entries grouped by latent, for the segmented weight gradients
 
 
 class TorchBackend:
-    """Portable backend: embedding_bag forward, sampled_addmm + CSR matmul backward (no N×k×d buffer)."""
+    """Portable backend (``usae.kernels.torch_ops``): blocked embedding_bag forward, sampled_addmm for the
+    value gradient, segmented embedding_bag over ``LatentGroups`` for weight gradients (no N×k×d buffer)."""
 
     def forward(self, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-        return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+        return gather_sum(values, indices, [weight])[0]
 
-    def plan(self, indices: Tensor, n_latents: int) -> _TorchPlan:
-        n, k = indices.shape
-        device = indices.device
-        sorted_cols, row_order = indices.sort(dim=1)
-        row_ptr = torch.arange(0, n * k + 1, k, device=device)
-        pattern = _csr(row_ptr, sorted_cols.reshape(-1), torch.ones(n * k, device=device), (n, n_latents))
-        flat = indices.reshape(-1)
-        # unique keys (latent major, then code position) make an unstable sort deterministic
-        t_perm = torch.sort(flat * (n * k) + torch.arange(n * k, device=device)).indices
-        t_crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=device)
-        t_crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
-        return _TorchPlan(pattern, row_order, t_crow, t_perm // k, t_perm, n_latents)
+    shares_groups = True  # ``plan`` accepts the code's cached ``LatentGroups``
+
+    def plan(self, indices: Tensor, n_latents: int, groups: LatentGroups | None = None) -> _TorchPlan:
+        groups = groups if groups is not None else group_by_latent(indices, n_latents)
+        return _TorchPlan(row_pattern(indices, n_latents), groups)
 
     def grad_values(self, plan: _TorchPlan, grad_out: Tensor, weight: Tensor) -> Tensor:
-        pattern = plan.pattern.to(grad_out.dtype)
-        sampled = torch.sparse.sampled_addmm(pattern, grad_out.contiguous(), weight.t(), beta=0.0)
-        in_sorted_order = sampled.values().reshape(plan.row_order.shape)
-        return torch.empty_like(in_sorted_order).scatter_(1, plan.row_order, in_sorted_order)
+        return sampled_dots(plan.pattern, [grad_out], [weight])
 
     def grad_weight(self, plan: _TorchPlan, values: Tensor, grad_out: Tensor) -> Tensor:
-        t_values = values.reshape(-1)[plan.t_perm].to(grad_out.dtype)
-        code_t = _csr(plan.t_crow, plan.t_col, t_values, (plan.n_latents, grad_out.shape[0]))
-        return code_t @ grad_out.contiguous()
+        return segment_rows_grouped(plan.groups, plan.groups.gather(values), grad_out.contiguous())
+
+    # -- every decoder of one code at once ------------------------------------------------------------------
+    def forward_many(self, values: Tensor, indices: Tensor, weights: Sequence[Tensor]) -> list[Tensor]:
+        return gather_sum(values, indices, weights)
+
+    def grad_values_many(self, plan: _TorchPlan, grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+        return sampled_dots(plan.pattern, grads, weights)
+
+    def grad_weights_many(self, plan: _TorchPlan, values: Tensor, grads: Sequence[Tensor]) -> list[Tensor]:
+        grouped = plan.groups.gather(values)
+        return [segment_rows_grouped(plan.groups, grouped, g.contiguous()) for g in grads]
 
 
 _BACKENDS: dict[str, DecodeBackend] = {"torch": TorchBackend()}
@@ -168,8 +178,9 @@ _BACKENDS: dict[str, DecodeBackend] = {"torch": TorchBackend()}
 
 def register_backend(name: str, backend: DecodeBackend) -> None:
     """Make ``backend`` selectable as ``sparse_decode(..., backend=name)``."""
-    if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"register_backend: name = {name!r} is not valid; expected a non-empty name other than 'auto'")
+    if not isinstance(name, str) or not name or name in ("auto", "groups"):
+        raise ValueError(f"register_backend: name = {name!r} is not valid; expected a non-empty name other than "
+                         "'auto' and 'groups'")
     _BACKENDS[name] = backend
 
 
@@ -177,12 +188,34 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def _load_triton() -> bool:
+    """Register the Triton backend on first use on CUDA (False when triton cannot be imported)."""
+    if "triton" not in _BACKENDS:
+        try:
+            from usae.kernels.triton_backend import TritonBackend
+        except ImportError:
+            return False
+        _BACKENDS["triton"] = TritonBackend()
+    return True
+
+
 def _resolve(backend: str, device: torch.device) -> tuple[str, DecodeBackend]:
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
+        backend = "triton" if device.type == "cuda" and _load_triton() else "torch"
+    elif backend == "triton":
+        _load_triton()
     if backend not in _BACKENDS:
         raise ValueError(f"backend = {backend!r} is not valid; expected 'auto' or one of {list(_BACKENDS)}")
     return backend, _BACKENDS[backend]
+
+
+def _plan(code: SparseCode, name: str, impl: DecodeBackend) -> Any:
+    """The backend's index plan of ``code`` (built on first use, then cached on the code)."""
+    plan = code._plans.get(name)
+    if plan is None:
+        extra = {"groups": code.latent_groups()} if getattr(impl, "shares_groups", False) else {}
+        plan = code._plans[name] = impl.plan(code.indices, code.n_latents, **extra)
+    return plan
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -197,9 +230,7 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         values, weight = ctx.saved_tensors
         code, impl = ctx.code, ctx.impl
-        plan = code._plans.get(ctx.name)
-        if plan is None:
-            plan = code._plans[ctx.name] = impl.plan(code.indices, code.n_latents)
+        plan = _plan(code, ctx.name, impl)
         grad_values = impl.grad_values(plan, grad_out, weight) if ctx.needs_input_grad[0] else None
         grad_weight = impl.grad_weight(plan, values, grad_out) if ctx.needs_input_grad[1] else None
         return grad_values, grad_weight, None, None, None
@@ -218,6 +249,64 @@ def sparse_decode(code: SparseCode, weight: Tensor, backend: str = "auto") -> Te
         raise ValueError(f"sparse_decode: code on {code.values.device} but weight on {weight.device}")
     name, impl = _resolve(backend, weight.device)
     return _SparseDecode.apply(code.values, weight, code, name, impl)
+
+
+class _SparseDecodeMany(torch.autograd.Function):
+    """One code decoded into several dictionaries; one index plan and one value gradient for all of them."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, code: SparseCode, name: str, impl: DecodeBackend, *weights: Tensor):
+        ctx.save_for_backward(values, *weights)
+        ctx.code, ctx.name, ctx.impl = code, name, impl
+        if hasattr(impl, "forward_many"):
+            return tuple(impl.forward_many(values, code.indices, list(weights)))
+        return tuple(impl.forward(values, code.indices, w) for w in weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):
+        values, *weights = ctx.saved_tensors
+        code, impl = ctx.code, ctx.impl
+        plan = _plan(code, ctx.name, impl)
+        grads = [g.contiguous() for g in grads]  # unused outputs arrive as zeros (materialised)
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            if hasattr(impl, "grad_values_many"):
+                grad_values = impl.grad_values_many(plan, grads, weights)
+            else:
+                grad_values = sum(impl.grad_values(plan, g, w) for g, w in zip(grads, weights))
+            grad_values = grad_values.to(values.dtype)
+        wanted = [j for j in range(len(weights)) if ctx.needs_input_grad[4 + j]]
+        grad_weights: list[Tensor | None] = [None] * len(weights)
+        if wanted:
+            if hasattr(impl, "grad_weights_many"):
+                parts = impl.grad_weights_many(plan, values, [grads[j] for j in wanted])
+            else:
+                parts = [impl.grad_weight(plan, values, grads[j]) for j in wanted]
+            for j, part in zip(wanted, parts):
+                grad_weights[j] = part
+        return (grad_values, None, None, None, *grad_weights)
+
+
+def sparse_decode_many(code: SparseCode, weights: Sequence[Tensor], backend: str = "auto") -> list[Tensor]:
+    """Decode ``code`` into every dictionary of ``weights`` ([m, d_j] each, widths may differ) -> [N, d_j] each.
+
+    One pass for all dictionaries: the backward computes the gradient of the k values once for all of them
+    and groups the code's entries by latent once; dictionaries that do not require grad (detached, frozen)
+    get no weight gradient at all.
+    """
+    weights = list(weights)
+    if not weights:
+        raise ValueError("sparse_decode_many: weights is empty; expected at least one [n_latents, d] dictionary")
+    for j, w in enumerate(weights):
+        if not isinstance(w, Tensor) or w.dim() != 2 or w.shape[0] != code.n_latents:
+            shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"sparse_decode_many: weights[{j}] has shape {shape}; expected "
+                             f"[n_latents={code.n_latents}, d]")
+        if w.device != code.values.device:
+            raise ValueError(f"sparse_decode_many: code on {code.values.device} but weights[{j}] on {w.device}")
+    name, impl = _resolve(backend, weights[0].device)
+    return list(_SparseDecodeMany.apply(code.values, code, name, impl, *weights))
 
 
 def dense_decode_reference(code: SparseCode, weight: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from usae import zoo
 from usae.config import BackboneSpec, ZooTrainConfig
+from usae.paths import atomic_write
 from usae.toyworld import FACTORS, TRAIN_TEXTURES, ToyWorld
 
 
@@ -199,12 +200,6 @@ def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrai
     return backbone, heads, float(sum(recent) / len(recent))
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
@@ -245,9 +240,9 @@ def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress:
             seconds = time.perf_counter() - started
             scores = evaluate(backbone, heads, val.images, val.image_labels)
             model = _timm_model(backbone)
-            _write_atomic(work / f"{name}.safetensors", lambda p: save_file(_contiguous(model.state_dict()), str(p)))
-            _write_atomic(work / f"{name}.heads.safetensors",
-                          lambda p: save_file(_contiguous(heads.state_dict()), str(p), {"pool": heads.pool}))
+            atomic_write(work / f"{name}.safetensors", lambda p: save_file(_contiguous(model.state_dict()), str(p)))
+            atomic_write(work / f"{name}.heads.safetensors",
+                         lambda p: save_file(_contiguous(heads.state_dict()), str(p), {"pool": heads.pool}))
             entry: dict = {t: s["value"] for t, s in scores.items()}
             entry["metric"] = {t: s["metric"] for t, s in scores.items()}
             entry["chance"] = {t: s["chance"] for t, s in scores.items()}
@@ -256,7 +251,7 @@ def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress:
             entry["seconds"] = round(seconds, 2)
             entry["final_loss"] = final_loss
             report[name] = entry
-        _write_atomic(work / "report.json", lambda p: p.write_text(json.dumps(report, indent=1)))
+        atomic_write(work / "report.json", lambda p: p.write_text(json.dumps(report, indent=1)))
         if fresh:
             os.replace(work, out_dir)
     finally:

@@ -21,10 +21,13 @@ written to a temporary directory and renamed. ``fit`` resumes from the latest on
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -35,15 +38,26 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from usae.config import TrainConfig
-from usae.losses import auxk_aux, official_aux, reconstruction_error
+from usae.losses import auxk_aux, auxk_dense, official_aux, reconstruction_error
 from usae.model import UniversalSAE
+from usae.paths import disk_full
 from usae.reconstruction import R2Accumulator, aligned_batches
-from usae.sparse import sparse_decode, topk_encode
+from usae.sparse import sparse_decode_many, topk_encode
 
 __all__ = ["Trainer", "learning_rate"]
 
 _FORMAT = "usae.Trainer/1"
-_NOT_COMPARED_ON_RESUME = ("checkpoint_every", "log_every")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (it may belong to someone else)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -55,7 +69,16 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 class Trainer:
-    """Trains a ``UniversalSAE`` (M = 1 gives an independent SAE with the same recipe)."""
+    """Trains a ``UniversalSAE`` (M = 1 gives an independent SAE with the same recipe).
+
+    ``fused_encoder`` (class attribute, default True): encode with ``UniversalSAE.encode_train`` (exact
+    sparse encoder backward, no dense weight-gradient GEMM; aux "none"/"auxk") or ``encode_pre_train`` (aux
+    "official"); a subclass sets it False to go through ``_pre_activations`` and plain autograd.
+    ``mixed_precision`` (class attribute, default False): bfloat16 encoder GEMM, CUDA only.
+    """
+
+    fused_encoder: bool = True
+    mixed_precision: bool = False
 
     def __init__(self, model: UniversalSAE, config: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = None,
                  progress: bool = True, keep_checkpoints: int = 2, split: str = "train", backend: str = "auto") -> None:
@@ -99,6 +122,13 @@ class Trainer:
     def _reduce_gradients(self, stepped: tuple[str, ...]) -> None:
         """Called after backward, before clipping and the optimizer steps (no-op in one process)."""
 
+    def _pre_buffer(self, n: int) -> Tensor:
+        """An [n, m] float32 buffer for the fused encoder's pre-activations, reused across steps."""
+        buf = getattr(self, "_pre_workspace", None)
+        if buf is None or buf.shape[0] != n or buf.device != self.device:
+            buf = self._pre_workspace = torch.empty(n, self.model.n_latents, device=self.device)
+        return buf
+
     def train_step(self, batch: Mapping[str, Tensor]) -> int:
         """One update on a batch of aligned rows {name: [N, d]}; returns the index of the selected model."""
         cfg, model, names = self.config, self.model, self.model.names
@@ -109,17 +139,33 @@ class Trainer:
         name = names[i]
         stepped = names if cfg.update == "joint" else (name,)
         model.train()
-        pre = self._pre_activations(name, x[name])
-        code = topk_encode(pre, model.k)
-        dicts = {n: model.dictionary(n) if n in stepped else model.dictionary(n).detach() for n in names}
-        recon = {n: sparse_decode(code, dicts[n], self.backend) for n in names}
+        if self.mixed_precision and self.device.type != "cuda":
+            raise ValueError(f"Trainer.mixed_precision = True is only supported on CUDA; the model is on {self.device}")
+        dicts = {n: model.dictionary(n, frozen=n not in stepped) for n in names}
+        dead = self.dead_mask(name) if cfg.aux == "auxk" else None
+        pre, dead_pre = None, None
+        if self.fused_encoder and cfg.aux != "official":
+            code, dead_pre = model.encode_train(name, x[name], dead=dead, out=self._pre_buffer(len(x[name])),
+                                                bf16=self.mixed_precision)
+        else:
+            if self.fused_encoder:
+                pre = model.encode_pre_train(name, x[name], bf16=self.mixed_precision)
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16) if self.mixed_precision else nullcontext():
+                    pre = self._pre_activations(name, x[name])
+                pre = pre.float()
+            code = topk_encode(pre, model.k)
+        recon = dict(zip(names, sparse_decode_many(code, [dicts[n] for n in names], self.backend)))
         mains = {n: reconstruction_error(x[n], recon[n], cfg.loss) for n in names}
+        zeros = {n: code.values.new_zeros(()) for n in names}
         if cfg.aux == "official":
             auxs = official_aux(x, recon, pre, code, dicts, cfg.loss)
-        elif cfg.aux == "auxk":
-            auxs = auxk_aux(x, recon, pre, self.dead_mask(name), cfg.auxk_k, dicts, cfg.loss, self.backend)
+        elif cfg.aux == "auxk" and pre is not None:
+            auxs = auxk_aux(x, recon, pre, dead, cfg.auxk_k, dicts, cfg.loss, self.backend)
+        elif cfg.aux == "auxk" and dead_pre is not None:
+            auxs = auxk_dense(x, recon, dead_pre[0], dead_pre[1], cfg.auxk_k, dicts, cfg.loss)
         else:
-            auxs = {n: pre.new_zeros(()) for n in names}
+            auxs = zeros
         loss = sum(mains[n] + cfg.aux_coef * auxs[n] for n in names)
         model.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,6 +256,14 @@ class Trainer:
     def fit(self, source: Any) -> dict[str, Any]:
         """Train for ``config.steps`` steps (resuming from ``checkpoint_dir``); returns the history dict."""
         cfg = self.config
+        if isinstance(source, Mapping):  # rows in memory: check them all before the first update
+            for name, rows in source.items():
+                rows = torch.as_tensor(rows)
+                bad = ~torch.isfinite(rows) if rows.is_floating_point() else None
+                if bad is not None and bool(bad.any()):
+                    first = int(bad.reshape(len(rows), -1).any(1).nonzero()[0])
+                    raise ValueError(f"the training rows of {name!r} contain NaN/Inf (first at row {first}); fix or "
+                                     "drop those rows before training")
         if self.checkpoint_dir is not None and not self._resumed:
             self._resume()
         if self.step >= cfg.steps:
@@ -239,7 +293,7 @@ class Trainer:
         return sorted(found, key=lambda p: p.name)
 
     def _identity(self) -> dict[str, Any]:
-        train = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_COMPARED_ON_RESUME}
+        train = self.config.weights_dict()
         return {"train_config": train, "model_config": self.model.config(), "names": list(self.model.names)}
 
     def save_checkpoint(self) -> Path:
@@ -251,31 +305,45 @@ class Trainer:
         final = self.checkpoint_dir / f"step_{self.step:09d}"
         if final.exists():
             raise ValueError(f"{final} already exists; refusing to overwrite a checkpoint")
+        for stale in self.checkpoint_dir.glob(".*-step_*"):  # left by a killed run (temp or half-deleted)
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not (stale.name.startswith(".tmp-") and pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = self.checkpoint_dir / f".tmp-step_{self.step:09d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            self.model.save(tmp / "model.safetensors")
-            tensors: dict[str, Tensor] = {"rng": self.generator.get_state(), "since_fire": self.since_fire.cpu()}
-            groups = []
-            for j, opt in enumerate(self.optimizers):
-                sd = opt.state_dict()
-                groups.append(sd["param_groups"])
-                for pid, slots in sd["state"].items():
-                    for key, value in slots.items():
-                        tensors[f"optim.{j}.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-            tensors.update({f"r2.{k}": v for k, v in self.window.state().items()})
-            save_file(tensors, str(tmp / "trainer.safetensors"))
-            state = {"format": _FORMAT, "step": self.step, "picks": self.picks,
-                     "data": {"epoch": self.data_epoch, "batch": self.data_batch},
-                     "param_groups": groups, "history": self.history, **self._identity()}
-            (tmp / "state.json").write_text(json.dumps(state))
+            self._write_checkpoint(tmp)
             os.replace(tmp, final)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise disk_full(final, err) from err
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in self.checkpoints()[:-self.keep_checkpoints]:
-            shutil.rmtree(old)
+            gone = old.with_name(f".old-{old.name}")  # renamed first: never a half-deleted "complete" checkpoint
+            os.replace(old, gone)
+            shutil.rmtree(gone)
         return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Every file of one checkpoint into the folder ``tmp``."""
+        self.model.save(tmp / "model.safetensors")
+        tensors: dict[str, Tensor] = {"rng": self.generator.get_state(), "since_fire": self.since_fire.cpu()}
+        groups = []
+        for j, opt in enumerate(self.optimizers):
+            sd = opt.state_dict()
+            groups.append(sd["param_groups"])
+            for pid, slots in sd["state"].items():
+                for key, value in slots.items():
+                    tensors[f"optim.{j}.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors.update({f"r2.{k}": v for k, v in self.window.state().items()})
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        state = {"format": _FORMAT, "step": self.step, "picks": self.picks,
+                 "data": {"epoch": self.data_epoch, "batch": self.data_batch},
+                 "param_groups": groups, "history": self.history, **self._identity()}
+        (tmp / "state.json").write_text(json.dumps(state))
 
     def _resume(self) -> None:
         self._resumed = True
@@ -284,6 +352,8 @@ class Trainer:
             return
         path = found[-1]
         state = json.loads((path / "state.json").read_text())
+        if self.progress:
+            tqdm.write(f"resuming from {path} (step {state.get('step')} of {self.config.steps})", file=sys.stderr)
         if state.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a USAE trainer checkpoint (format {state.get('format')!r})")
         mine = self._identity()

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import math
+import operator
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from plotly.colors import sequential
 from plotly.subplots import make_subplots
 
-from usae import firing
+from usae import firing, universality
 from usae.viz import PALETTE
 
 __all__ = ["entropy_histogram_figure", "cofire_proportion_figure", "energy_cofire_figure", "split_comparison_figure",
@@ -50,7 +51,7 @@ def entropy_histogram_figure(stats: firing.FiringStats | Mapping[str, firing.Fir
     items = dict(stats) if many else {"concepts": stats}
     fig, never = go.Figure(), []
     for i, (label, st) in enumerate(items.items()):
-        counts, edges, n_never = firing.entropy_histogram(st, n_bins)
+        counts, edges, n_never = universality.entropy_histogram(st, n_bins)
         y = counts.double() / max(int(counts.sum()), 1) if many else counts
         centres = ((edges[:-1] + edges[1:]) / 2).numpy()
         fig.add_trace(go.Bar(x=centres, y=y.numpy(), width=1.0 / n_bins, name=label, opacity=0.6 if many else 1.0,
@@ -71,8 +72,8 @@ def entropy_histogram_figure(stats: firing.FiringStats | Mapping[str, firing.Fir
 def cofire_proportion_figure(stats: firing.FiringStats, top: int = 1000, variant: str = "eq9",
                              title: str | None = None) -> go.Figure:
     """Fig. 6b: each model's co-fire proportion over the ``top`` concepts by energy, sorted; means in the legend."""
-    curves, means = firing.cfp_curves(stats, top, variant)
-    mean_curve = firing.cfp_mean_curve(stats, top, variant)
+    curves, means = universality.cfp_curves(stats, top, variant)
+    mean_curve = universality.cfp_mean_curve(stats, top, variant)
     fig = go.Figure()
     rank = np.arange(1, curves.shape[1] + 1)
     for i, name in enumerate(stats.names):
@@ -90,8 +91,8 @@ def energy_cofire_figure(stats: firing.FiringStats, min_cofires: int = 1000, var
                          reduce: str = "mean") -> go.Figure:
     """Fig. 6c: log-log co-fire count vs energy with the fitted line and Pearson r, for all concepts and for
     those with >= ``min_cofires`` co-fires. ``variant``/``reduce`` name the energy (see ``firing``)."""
-    fits = [firing.energy_cofire_fit(stats, 1, variant, reduce),
-            firing.energy_cofire_fit(stats, min_cofires, variant, reduce)]
+    fits = [universality.energy_cofire_fit(stats, 1, variant, reduce),
+            universality.energy_cofire_fit(stats, min_cofires, variant, reduce)]
     titles = [f"{label}: r = {f.pearson_r:.2f}, slope = {f.slope:.2f} (n = {f.n_concepts})"
               for label, f in zip(("all co-firing concepts", f"≥ {min_cofires} co-fires"), fits)]
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.1)
@@ -122,12 +123,12 @@ def split_comparison_figure(stats: Mapping[str, firing.FiringStats], top: int = 
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
         "firing entropy (fraction of fired concepts)", f"mean co-fire proportion, top {top} concepts by energy"))
     for i, (label, st) in enumerate(stats.items()):
-        counts, edges, _ = firing.entropy_histogram(st, n_bins)
+        counts, edges, _ = universality.entropy_histogram(st, n_bins)
         colour = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(x=((edges[:-1] + edges[1:]) / 2).numpy(), line=dict(color=colour, shape="hvh"),
                                  y=(counts.double() / max(int(counts.sum()), 1)).numpy(), name=label,
                                  legendgroup=label, showlegend=False), row=1, col=1)
-        curve = firing.cfp_mean_curve(st, top)
+        curve = universality.cfp_mean_curve(st, top)
         fig.add_trace(go.Scatter(x=np.arange(1, len(curve) + 1), y=curve.numpy(), line=dict(color=colour),
                                  name=f"{label} (mean {float(curve.mean()):.3f})", legendgroup=label), row=1, col=2)
     fig.update_xaxes(title="firing entropy", range=[0, 1], row=1, col=1)
@@ -203,9 +204,21 @@ def gallery_figure(images: Any, heatmaps: Mapping[str, Any], title: str | None =
     return fig
 
 
+def _concept_index(stats: firing.FiringStats, concept: int) -> int:
+    """``concept`` as an int (a Python, numpy or 0-d torch integer), ValueError unless in [0, m)."""
+    try:
+        k = None if isinstance(concept, bool) else operator.index(concept)
+    except TypeError:
+        k = None
+    if k is None or not 0 <= k < stats.n_latents:
+        raise ValueError(f"concept = {concept!r} is not valid; expected a concept index in [0, {stats.n_latents}) "
+                         f"(the USAE has m = {stats.n_latents} concepts)")
+    return k
+
+
 def concept_text(stats: firing.FiringStats, concept: int) -> str:
     """One-line HTML summary of a concept's firing statistics (for hovers and titles)."""
-    k = int(concept)
+    k = _concept_index(stats, concept)
     cfp = stats.cofire_proportion[:, k].nan_to_num(0.0)
     fires = ", ".join(f"{n} {int(stats.fires[i, k])}" for i, n in enumerate(stats.names))
     cfps = ", ".join(f"{n} {float(cfp[i]):.2f}" for i, n in enumerate(stats.names))
@@ -215,7 +228,7 @@ def concept_text(stats: firing.FiringStats, concept: int) -> str:
 
 def concept_title(stats: firing.FiringStats, concept: int) -> str:
     """A short two-line title: entropy, and per model (in ``stats.names`` order) fires and CFP."""
-    k = int(concept)
+    k = _concept_index(stats, concept)
     cfp = stats.cofire_proportion[:, k].nan_to_num(0.0)
     return (f"concept {k} · entropy {float(stats.entropy[k]) + 0.0:.2f}<br>fires "
             f"{' / '.join(str(int(f)) for f in stats.fires[:, k])} · CFP "

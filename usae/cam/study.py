@@ -58,10 +58,10 @@ def top_exemplars(sae: Any, store: Any, name: str, k: int, split: str = "val", n
     scores, maps = [], []
     for start in range(0, n_images, batch_images):
         stop = min(n_images, start + batch_images)
-        rows = store.rows(split, name, start * tpi, stop * tpi).float()
+        rows = store.rows(split, name, start * tpi, stop * tpi).to(weight.device, torch.float32)  # the SAE's device
         acts = (rows @ weight + bias).view(stop - start, grid, grid)
-        scores.append(reduce_tokens(acts, reduce))
-        maps.append(acts)
+        scores.append(reduce_tokens(acts, reduce).cpu())
+        maps.append(acts.cpu())
     all_scores, all_maps = torch.cat(scores), torch.cat(maps)
     top = torch.sort(-all_scores, stable=True).indices[:n]
     return Exemplars(name, k, split, reduce, top, all_scores[top], all_maps[top], float(all_scores.mean()))
@@ -80,7 +80,8 @@ def image_scores(backbone: Any, sae: Any, name: str, images: Tensor, reduce: str
         raise ValueError(f"images of shape {shape} are not valid; expected square images [N, 3, S, S]")
     sae.index(name)
     with torch.no_grad():
-        tokens = backbone(images.float())
+        device = next(iter(backbone.parameters()), images).device  # run where the backbone lives (e.g. CUDA)
+        tokens = backbone(images.float().to(device))
         if grid is not None:
             from usae.extract import resample_grid
 
@@ -89,9 +90,10 @@ def image_scores(backbone: Any, sae: Any, name: str, images: Tensor, reduce: str
         x = sae.standardise(name, tokens.reshape(-1, d))
         pre = sae.encode_pre(name, x).view(n, -1, sae.n_latents)         # [N, T, m]
         code = sae.encode(name, x)
-        dense = torch.zeros(n * pre.shape[1], sae.n_latents).scatter_(1, code.indices, code.values.float())
-        return reduce_tokens(pre.transpose(1, 2).reshape(n * sae.n_latents, -1), reduce).view(n, -1), \
-            dense.view(n, -1, sae.n_latents).mean(1)
+        dense = torch.zeros(n * pre.shape[1], sae.n_latents, device=code.values.device).scatter_(
+            1, code.indices, code.values.float())
+        return reduce_tokens(pre.transpose(1, 2).reshape(n * sae.n_latents, -1), reduce).view(n, -1).cpu(), \
+            dense.view(n, -1, sae.n_latents).mean(1).cpu()
 
 
 def concept_rank(scores: Tensor, k: int) -> Tensor:
@@ -182,13 +184,13 @@ class Chosen(NamedTuple):
 def choose_concepts(stats: Any, n_universal: int = 3, n_unique: int = 1) -> list[Chosen]:
     """Concepts to study.
 
-    Universal: the ``n_universal`` most energetic concepts of ``usae.firing.universal_concepts`` (entropy
+    Universal: the ``n_universal`` most energetic concepts of ``usae.concept_selection.universal_concepts`` (entropy
     >= 0.9 and co-fire proportion >= 0.5 in every model). If fewer pass, the concepts with the highest
     *minimum* co-fire proportion over models fill the list (labelled with that value). Model-unique: per
     model, its ``n_unique`` most energetic ``unique_concepts`` (entropy <= 0.2). If a model has none, its
     lowest-entropy concepts (those it fires most of) stand in, labelled with their entropy.
     """
-    from usae.firing import universal_concepts
+    from usae.concept_selection import universal_concepts
 
     chosen: dict[int, Chosen] = {}
     for k in universal_concepts(stats).tolist()[:n_universal]:
