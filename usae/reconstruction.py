@@ -77,9 +77,9 @@ class R2Accumulator:
             self.sums = [s.to(target.device) for s in self.sums]
         target, estimate = target.float(), estimate.float()
         n, d = target.shape
-        sse = (target - estimate).square().sum().double()
+        sse = torch.linalg.vector_norm(target - estimate).double().square()
         col_sums = target.sum(0).double()
-        sumsq = target.square().sum().double()
+        sumsq = torch.linalg.vector_norm(target).double().square()
         self.sse[i, j] += sse
         self.rows[i, j] += n
         self.sumsq[i, j] += sumsq

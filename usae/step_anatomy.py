@@ -102,8 +102,8 @@ def time_parts(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATE
     work (``profile_parts``); ours is ``Trainer.train_step`` as it stands, so the split follows whatever the
     library does. A row ``"whole step"`` holds the step's time without the profiler: ``step_seconds``
     ({"reference": s, "ours": s}, e.g. from ``measure_steps`` at the same shape) or one timed step. ``aux``:
-    ``"none"``, ``"official"`` (both) or ``"auxk"`` (ours, every latent dead; the reference keeps the official
-    term).
+    ``"none"``, ``"official"`` (both) or ``"auxk"`` (ours, 10 % of the latents dead as in ``measure_steps``;
+    the reference keeps the official term).
     """
     device = resolve_device(device)
     selected = selected or max(dims, key=lambda n: dims[n])
@@ -132,13 +132,15 @@ def time_parts(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATE
 # ---------------------------------------------------------------------------------------------- FLOP counts
 def step_flops(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATENTS, k: int = PAPER_K,
                batch_size: int = PAPER_BATCH, *, selected: str | None = None, aux: str = "official",
-               k_aux: int = 512) -> list[dict[str, Any]]:
+               n_dead: int | None = None) -> list[dict[str, Any]]:
     """Floating-point operations of one step, part by part, official reference vs ours -> rows
     {part, reference, ours, reference formula, ours formula} (counts, a multiply-add = 2).
 
     B tokens, selected width d, Σd over all M targets, m latents, k active. ``aux``: ``"none"``,
-    ``"official"`` (dense in both) or ``"auxk"`` (ours with k_aux latents; the reference keeps the official
-    term). Elementwise passes are counted as one operation per element; TopK as one comparison per element.
+    ``"official"`` (dense in both) or ``"auxk"`` (ours: AuxK over ``n_dead`` dead latents, default 10 % of m as
+    the benchmark; the library computes it densely over the dead columns, which on a CPU beats gathering
+    k_aux ≈ C rows per token; the reference keeps the official term). Elementwise passes are counted as one
+    operation per element; TopK as one comparison per element.
     Ours counts the sparse decode (one gather for all decoders), BatchNorm's statistics from the Gram matrix
     XᵀX and W·XᵀX (no pass over [B, m] for them) and, when the gradient reaching BatchNorm is sparse (no
     official aux), the sparse form of the encoder's weight gradient that reuses W·XᵀX.
@@ -146,7 +148,8 @@ def step_flops(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATE
     B, m = batch_size, n_latents
     selected = selected or max(dims, key=lambda n: dims[n])
     d, D, M = dims[selected], sum(dims.values()), len(dims)
-    nnz = k + (k_aux if aux == "auxk" else 0)       # nonzeros per token of the gradient reaching BatchNorm
+    C = round(0.1 * m) if n_dead is None else n_dead  # dead latents AuxK reads (dense over those columns)
+    nnz = k                                         # sparse nonzeros per token of the gradient reaching BatchNorm
     ref_aux = aux != "none"
     sparse_bn = aux != "official"
     p_sel = 2 * m * d + 3 * m                       # W, b, γ, β, dictionary of the selected model
@@ -161,7 +164,7 @@ def step_flops(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATE
     ]
     if ref_aux:
         ours_aux = (B * m + 2 * B * m * D, "B·m select + 2·B·m·Σd (dense)") if aux == "official" else \
-            (B * m + 2 * B * k_aux * D, "B·m select + 2·B·k_aux·Σd")
+            (B * C + 2 * B * C * D, "B·C select + 2·B·C·Σd (dense over the C dead columns)")
         rows.append(("auxiliary loss", M * (2 * B * m) + 2 * B * m * D, ours_aux[0],
                      "M·(B·m select + B·m scatter) + 2·B·m·Σd", ours_aux[1]))
     rows.append(("decode backward: code grad", 2 * B * m * D, 2 * B * k * D, "2·B·m·Σd", "2·B·k·Σd"))
@@ -169,7 +172,7 @@ def step_flops(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATE
                  "2·B·m·Σd (all M decoders)", "2·B·k·d (selected only)"))
     if ref_aux:
         ours_aux_bwd = ((2 * B * m * D + 2 * B * m * d, "2·B·m·Σd + 2·B·m·d") if aux == "official" else
-                        (2 * B * k_aux * D + 2 * B * k_aux * d, "2·B·k_aux·(Σd + d)"))
+                        (2 * B * C * D + 2 * B * C * d, "2·B·C·(Σd + d)"))
         rows.append(("auxiliary backward", 4 * B * m * D, ours_aux_bwd[0], "4·B·m·Σd", ours_aux_bwd[1]))
     rows.append(("encoder backward: weight grad", 2 * B * m * d + 6 * B * m,
                  2 * B * nnz * d + 4 * m * d if sparse_bn else 2 * B * m * d + 4 * B * m, "2·B·m·d + ≈6·B·m (BN)",
