@@ -26,7 +26,8 @@ from safetensors import safe_open
 from usae.config import ExtractConfig, TrainConfig, ZooTrainConfig, preset
 from usae.experiment import Experiment
 from usae.extract import ImageSource, extract_store
-from usae.store import ActivationStore, StoreError, StoreWriter
+from usae.store import ActivationStore, StoreError
+from usae.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,8 @@ from usae.config import TrainConfig
 from usae.distributed import DistributedTrainer, init_distributed, main, synced_batch_norm
 from usae.model import UniversalSAE
 from usae.standardisation import Standardisation
-from usae.store import ActivationStore, StoreWriter
+from usae.store import ActivationStore
+from usae.store_writer import StoreWriter
 from usae.train import Trainer
 
 DIMS = {"a": 6, "b": 10, "c": 4}

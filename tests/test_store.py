@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from usae.standardisation import Standardisation
-from usae.store import ActivationStore, StoreError, StoreWriter
+from usae.store import ActivationStore, StoreError
+from usae.store_writer import StoreWriter
 
 DIMS = {"a": 3, "b": 5}
 GRID = 2  # 4 tokens per image

@@ -233,7 +233,7 @@ def measure_steps(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_L
 
 def _write_store(path: Path, dims: Mapping[str, int], n_rows: int, tokens_per_image: int = 196) -> Any:
     from usae.standardisation import Standardisation
-    from usae.store import StoreWriter
+    from usae.store_writer import StoreWriter
 
     grid = int(round(tokens_per_image ** 0.5))
     n_images = -(-n_rows // (grid * grid))

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .config import ExtractConfig
 from .standardisation import STANDARDIZE_MODES, Standardisation
-from .store import ActivationStore, StoreWriter, _plain_json
+from .store import ActivationStore, _plain_json
+from .store_writer import StoreWriter
 
 __all__ = ["resample_grid", "ImageFolder", "ImageSource", "as_source", "fit_standardisation", "extract_store",
            "IMAGE_EXTENSIONS"]
@@ -305,7 +306,7 @@ def extract_store(backbones: Mapping[str, nn.Module], splits: Mapping[str, Sourc
             moments = {n: _Moments() for n in names}
             for split in order:
                 writer.add_split(split, counts[split])
-                src, n_img, bs = sources[split], counts[split], cfg.batch_size
+                src, bs = sources[split], cfg.batch_size
                 # batches never straddle a shard, so a shard kept from an interrupted run is skipped whole
                 todo = []
                 for first, stop, done in writer.shards(split):
