@@ -16,14 +16,7 @@ from usae.train import Trainer, learning_rate
 
 DIMS = {"a": 6, "b": 10, "c": 4}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run much faster single-threaded on a shared 2-core machine; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def freeze_linear_bias(modules):

@@ -20,13 +20,7 @@ from usae.kernels.groups import group_by_latent
 from usae.kernels.select import topk_indices
 from usae.sparse import SparseCode, sparse_decode, sparse_decode_many
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def case(n=13, m=37, k=3, widths=(7, 70), seed=0, dtype=torch.float32):

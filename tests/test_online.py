@@ -26,13 +26,7 @@ from usae.zoo import load_backbone
 NAMES = ("toy_vit", "toy_mixer")
 N_TRAIN, N_VAL, BLOCK = 40, 12, 4
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
