@@ -229,12 +229,25 @@ def test_interrupted_extraction_resumes_and_recomputes_a_corrupted_shard(tmp_pat
     data = bytearray(bad.read_bytes())
     data[-1] ^= 0xFF  # silent corruption of a kept shard
     bad.write_bytes(bytes(data))
+    # a kill inside atomic_write of the journal leaves its temporary sibling behind
+    (work / ".progress.json.tmp-99999.json").write_text("{")
 
     loads: list[int] = []
     store = extract_store(toy_backbones(), splits(loads=loads), CFG, tmp_path / "out", progress=False,
                           shard_bytes=SHARD, work_dir=work)
     assert min(loads) == 4 and min(l for l in loads if l > 7) == 20  # shard 1 (images 4..7) recomputed, 0, 2-4 kept
     assert not work.exists() and not (store.path / "progress.json").exists()
+    assert files_of(store.path) == files_of(ref.path)
+
+
+def test_a_work_dir_holding_only_a_killed_journal_write_is_ours(tmp_path):
+    """Killed while writing the very first progress.json: the rerun starts afresh instead of refusing."""
+    ref = extract_store(toy_backbones(), splits(), CFG, tmp_path / "ref", progress=False, shard_bytes=SHARD)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".progress.json.tmp-4242.json").write_text('{"form')
+    store = extract_store(toy_backbones(), splits(), CFG, tmp_path / "out", progress=False, shard_bytes=SHARD,
+                          work_dir=work)
     assert files_of(store.path) == files_of(ref.path)
 
 

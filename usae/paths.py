@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -31,6 +32,11 @@ def runs_dir() -> Path:
     path = Path(override).expanduser() if override else repo_root() / "data" / "runs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files that ``atomic_write`` left under ``folder`` when its process was killed mid-write."""
+    return [p for p in Path(folder).rglob(".*.tmp-*") if p.is_file() and re.fullmatch(r"\..+\.tmp-\d+.*", p.name)]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from usae.paths import FileLock, atomic_write, disk_full
+from usae.paths import FileLock, atomic_write, disk_full, stale_temp_files
 from usae.standardisation import Standardisation
 from usae.store import DTYPES, FORMAT, VERSION, ActivationStore, StoreError, _check_npy, _plain_json
 
@@ -134,13 +134,17 @@ class StoreWriter:
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{str(path)!r} is unreadable ({exc}); remove the folder {str(self.tmp)!r} and "
                                  "extract again") from None
+            stale = stale_temp_files(self.tmp)  # a run killed inside atomic_write (e.g. of progress.json)
             # no journal but a manifest: a complete store killed before its rename (ours); rebuilt below
-            if journal is None and not (self.tmp / "manifest.json").is_file() and any(self.tmp.iterdir()):
+            if journal is None and not (self.tmp / "manifest.json").is_file() and \
+                    any(p not in stale for p in self.tmp.iterdir()):
                 raise ValueError(f"work_dir = {str(self.tmp)!r} holds files but no progress.json, so it is not an "
                                  "unfinished store; give an empty or new folder")
             if journal is not None and (not isinstance(journal, dict) or journal.get("format") != _WORK_FORMAT):
                 raise ValueError(f"{str(path)!r} is not a {_WORK_FORMAT} file; give an empty or new work_dir")
             if journal is not None and journal.get("identity") == want:
+                for tmp in stale:
+                    tmp.unlink(missing_ok=True)
                 return journal
             shutil.rmtree(self.tmp)  # our own unfinished work, for other settings: start afresh
         self.tmp.mkdir(parents=True)
