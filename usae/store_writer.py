@@ -390,12 +390,7 @@ class StoreWriter:
                             if self._journal is not None else "")
                     raise ValueError(f"split {split!r}, {key!r}: {self._written.get((split, key), 0)} rows were "
                                      f"written, expected each of the {info['n_rows']} rows exactly once{hint}")
-        for _, mm in self._open.values():
-            mm.flush()
-        for mm in self._labels.values():
-            mm.flush()
-        self._open.clear()
-        self._labels.clear()
+        self._close_maps()
         splits = {}
         for split, info in self.splits.items():
             shards = []
@@ -434,15 +429,19 @@ class StoreWriter:
             self._lock.release(remove=True)
         return ActivationStore.open(self.out)
 
-    def abort(self) -> None:
-        """Stop writing. Without a ``work_dir`` everything written so far is removed; with one, the shards
-        recorded as complete stay there for a later writer to resume from."""
+    def _close_maps(self) -> None:
+        """Flush and drop every open shard and label memory map."""
         for _, mm in self._open.values():
             mm.flush()
         for mm in self._labels.values():
             mm.flush()
         self._open.clear()
         self._labels.clear()
+
+    def abort(self) -> None:
+        """Stop writing. Without a ``work_dir`` everything written so far is removed; with one, the shards
+        recorded as complete stay there for a later writer to resume from."""
+        self._close_maps()
         self._closed = True
         if self._lock is None:
             shutil.rmtree(self.tmp, ignore_errors=True)
