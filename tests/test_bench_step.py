@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from usae import bench
-from usae.bench_step import bench_step, measure_steps, scaling_sweep
+from usae.bench_step import bench_step, scaling_sweep
 from usae.official_step import OfficialReference
 from usae.step_anatomy import PART_KINDS, step_flops, time_parts
+from usae.step_timing import measure_steps
 from usae.config import TrainConfig
 from usae.model import UniversalSAE
 from usae.train import Trainer, learning_rate

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae.bench_step import (PAPER_BATCH, PAPER_DIMS, PAPER_K, PAPER_LATENTS, OurStep, _sync, _warmup_batch,
+from usae.step_timing import (PAPER_BATCH, PAPER_DIMS, PAPER_K, PAPER_LATENTS, OurStep, _sync, _warmup_batch,
                              median_time, random_batch, resolve_device)
 from usae.official_step import OfficialReference
 
