@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch's OpenMP threads spin-wait by default, which makes small ops 10x slower on a busy 2-core machine
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: book test bench venv clean lab
+.PHONY: book test bench seeds venv clean lab
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest
+
+# every chapter's claims for seeds 0-4 at the book preset -> data/seeds/book.json (about an hour on 2 cores)
+seeds: $(STAMP)
+	$(VPY) -m usae.book seeds --preset book --seeds 0-4 --jobs 2
 
 bench: $(STAMP)
 	$(VPY) -m usae.bench

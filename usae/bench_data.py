@@ -34,7 +34,7 @@ def training_consumption_rate(dims: Mapping[str, int], usae: USAEConfig, train: 
     from usae.train import Trainer
 
     gen = torch.Generator().manual_seed(0)
-    model = UniversalSAE(dims, usae.width(dims), usae.k, encoder=usae.encoder)
+    model = UniversalSAE(dims, usae.width(dims), usae.k, encoder=usae.encoder, init=usae.init)
     trainer = Trainer(model, train.replace(steps=steps + 1), progress=False)
     batches = [{n: torch.randn(train.batch_size, d, generator=gen) for n, d in dims.items()} for _ in range(2)]
     trainer.train_step(batches[0])

@@ -1,13 +1,21 @@
-"""Build the research book: vendor plotly.js, execute every chapter, render HTML with Jupyter Book 1.x.
+"""Build the research book, and run its claims across seeds.
 
-``python -m usae.book build [--output DIR] [--preset smoke|book|paper]`` (``make book`` calls it). Every
-chapter is executed afresh (``execute_notebooks: force``); a failing cell or any Sphinx warning fails the
-build. The chapters read the preset from ``USAE_PRESET`` and the artifact cache from ``USAE_RUNS``.
+``python -m usae.book build [--output DIR] [--preset smoke|book|paper]`` (``make book`` calls it) vendors
+plotly.js, executes every chapter afresh (``execute_notebooks: force``) and renders HTML with Jupyter Book 1.x;
+a failing cell or any Sphinx warning fails the build. The chapters read the preset from ``USAE_PRESET``, the
+pipeline seed from ``USAE_SEED`` and the artifact cache from ``USAE_RUNS``.
+
+``python -m usae.book seeds --preset book --seeds 0-4 [--jobs 2]`` (``make seeds``) executes the chapters with
+papermill for every seed (no rendering; chapter 10, which only times kernels, is left out unless named), with
+claims recorded rather than enforced, and writes the seeds table (``data/seeds/<preset>.json``): every claim's
+value per seed, its bound, min, max and margin, and the CPU model. ``--jobs 2`` runs two seeds at a time with
+one thread each.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -60,15 +68,120 @@ def build(output: Path | None = None, preset: str | None = None, root: Path | No
     return index
 
 
+SEED_CHAPTERS_SKIPPED = ("10_performance",)  # timing only: no seed-dependent claim
+
+
+def chapters(root: Path, names: list[str] | None = None) -> list[Path]:
+    """The numbered chapter notebooks (``book/NN_*.ipynb``), or those named (file stem, e.g. ``05_universality``)."""
+    found = sorted((root / "book").glob("[0-9][0-9]_*.ipynb"))
+    if names is None:
+        return [p for p in found if p.stem not in SEED_CHAPTERS_SKIPPED]
+    by_stem = {p.stem: p for p in found}
+    unknown = [n for n in names if n not in by_stem]
+    if unknown:
+        raise ValueError(f"chapters {unknown} are not valid; expected names from {sorted(by_stem)}")
+    return [by_stem[n] for n in names]
+
+
+def run_seed(seed: int, preset: str, notebooks: list[Path], claims_dir: Path, executed_dir: Path,
+             root: Path) -> dict[str, float]:
+    """Execute ``notebooks`` in order for one seed (claims recorded under ``claims_dir``); returns seconds per
+    chapter. A chapter that raises is reported and the next one still runs (each computes what it needs)."""
+    import papermill as pm
+
+    os.environ.update({"USAE_SEED": str(seed), "USAE_PRESET": preset, "USAE_CLAIMS_DIR": str(claims_dir),
+                       "USAE_CLAIMS": "record"})
+    seconds: dict[str, float] = {}
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        started = time.perf_counter()
+        try:
+            pm.execute_notebook(str(nb), str(executed_dir / f"{nb.stem}-seed{seed}.ipynb"), cwd=str(root / "book"),
+                                parameters={"preset": preset, "seed": seed}, progress_bar=False,
+                                kernel_name="python3")
+            status = "ok"
+        except Exception as err:  # noqa: BLE001 - report, then run the next chapter
+            status = f"FAILED: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        seconds[nb.stem] = time.perf_counter() - started
+        print(f"seed {seed} {nb.stem}: {seconds[nb.stem]:.0f} s {status}", flush=True)
+    timing = claims_dir / str(seed) / "seconds.json"
+    timing.parent.mkdir(parents=True, exist_ok=True)
+    timing.write_text(json.dumps(seconds, indent=1))
+    return seconds
+
+
+def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list[str] | None = None,
+          table: Path | None = None, work: Path | None = None, root: Path | None = None) -> Path:
+    """Run the chapters for every seed (``jobs`` seeds at a time) and write the seeds table; returns its path."""
+    from usae.claims import SeedsTable
+
+    root = root or repo_root()
+    if preset not in PRESETS:
+        raise ValueError(f"preset = {preset!r} is not valid; expected one of {list(PRESETS)}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs = {jobs!r} is not valid; expected an integer >= 1")
+    notebooks = chapters(root, names)
+    work = work or root / "data" / "runs" / f"seeds-{preset}"
+    claims_dir, executed = work / "claims", work / "executed"
+    table = table or root / "data" / "seeds" / f"{preset}.json"
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1)
+    if jobs == 1:
+        for s in seed_list:
+            run_seed(s, preset, notebooks, claims_dir, executed, root)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        groups = [seed_list[i::jobs] for i in range(jobs)]
+        procs = []
+        for group in groups:
+            if not group:
+                continue
+            cmd = [sys.executable, "-m", "usae.book", "seeds", "--preset", preset, "--jobs", "1", "--no-table",
+                   "--seeds", ",".join(map(str, group)), "--work", str(work)]
+            if names is not None:
+                cmd += ["--chapters", ",".join(names)]
+            procs.append(subprocess.Popen(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)}))
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"a seeds worker failed (exit codes {codes}); see the log above")
+    result = SeedsTable.collect(claims_dir, preset, seed_list, threads)
+    result.save(table)
+    failed = result.failed()
+    print(f"seeds table: {table} ({len(result.rows)} claims, {len(failed)} failing for some seed)")
+    for r in failed:
+        print(f"  fails: {r.chapter} / {r.name}: {r.op} {r.bound} vs {r.values}")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usae.book", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="execute every chapter and render the HTML book")
     b.add_argument("--output", type=Path, default=None, help="folder to hold _build/ (default: the repo root)")
     b.add_argument("--preset", choices=PRESETS, default=None, help="override USAE_PRESET for every chapter")
+    s = sub.add_parser("seeds", help="run the chapters for several seeds and write the seeds table")
+    s.add_argument("--preset", choices=PRESETS, default="book")
+    s.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,5 (default 0-4)")
+    s.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each with cores/jobs threads")
+    s.add_argument("--chapters", default=None, help="comma-separated chapter names (default: all but timing)")
+    s.add_argument("--table", type=Path, default=None, help="output JSON (default data/seeds/<preset>.json)")
+    s.add_argument("--work", type=Path, default=None, help="claim records and executed notebooks")
+    s.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        build(args.output, args.preset)
+        if args.command == "build":
+            build(args.output, args.preset)
+        else:
+            from usae.claims import parse_seeds
+
+            seed_list = parse_seeds(args.seeds)
+            names = None if args.chapters is None else [n.strip() for n in args.chapters.split(",") if n.strip()]
+            if args.no_table:
+                root = repo_root()
+                work = args.work or root / "data" / "runs" / f"seeds-{args.preset}"
+                for sd in seed_list:
+                    run_seed(sd, args.preset, chapters(root, names), work / "claims", work / "executed", root)
+            else:
+                seeds(seed_list, args.preset, args.jobs, names, args.table, args.work)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from usae.config import PRESETS, ExperimentConfig, preset
+from usae.config import PRESETS, SEED_ENV, ExperimentConfig, preset, seed_from_env
 
 __all__ = ["main", "load_config", "apply_settings"]
 
@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--images", default=None, help="image folder for configs with real backbones")
         p.add_argument("--shard-mb", type=float, default=1024.0, help="store shard size in MiB (default 1024)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--seed", default=None, help="pipeline seed: world, zoo, USAE, SAEs (default: $USAE_SEED or "
+                       "the config's seeds)")
     return parser
 
 
@@ -102,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.shard_mb > 0:
             raise ValueError(f"--shard-mb {args.shard_mb} is not valid; expected a size > 0")
         config = load_config(args.preset, args.config, args.settings)
+        if args.seed is not None and not str(args.seed).isdigit():
+            raise ValueError(f"--seed {args.seed} is not valid; expected an integer >= 0")
+        seed = int(args.seed) if args.seed is not None else (seed_from_env() if os.environ.get(SEED_ENV) else None)
         exp = Experiment(config, runs=args.runs, progress=not args.quiet, images=args.images,
-                         shard_bytes=max(1, int(args.shard_mb * (1 << 20))))
+                         shard_bytes=max(1, int(args.shard_mb * (1 << 20))), seed=seed)
         folder = exp.store().path if args.command == "extract" else exp.usae_dir()
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

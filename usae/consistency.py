@@ -25,6 +25,7 @@ from torch import Tensor
 
 BASELINE_STATS = ("scalar", "per_dim")
 __all__ = ["cosine_matrix", "Matching", "hungarian_match", "random_dictionary", "ConsistencyReport", "consistency",
+           "Movement", "dictionary_movement",
            "BASELINE_STATS"]
 
 
@@ -162,3 +163,47 @@ def consistency(usae_atoms: Tensor, sae_atoms: Tensor, subset: Tensor | None = N
         else:
             sub = full.subset(ids)
     return ConsistencyReport(full, base, sub, rematch)
+
+
+@dataclass(frozen=True)
+class Movement:
+    """How far one model's atoms moved in training. cosine: [m] cosine of each trained atom to its initial
+    value; live: [m] bool, the atom's concept fires at least once on the validation tokens."""
+
+    model: str
+    cosine: Tensor
+    live: Tensor
+
+    @property
+    def median(self) -> float:
+        return float(self.cosine.median())
+
+    @property
+    def median_live(self) -> float:
+        """Median cosine to the initial atom among live concepts (NaN when none is live)."""
+        return float(self.cosine[self.live].median()) if bool(self.live.any()) else float("nan")
+
+    @property
+    def live_fraction(self) -> float:
+        return float(self.live.float().mean())
+
+    def moved(self, threshold: float = 0.9) -> float:
+        """Share of atoms whose cosine to their initial value fell below ``threshold``."""
+        return float((self.cosine < threshold).float().mean())
+
+
+def dictionary_movement(initial: dict[str, Tensor], trained: dict[str, Tensor], fires: Tensor,
+                        names: tuple[str, ...] | list[str]) -> dict[str, Movement]:
+    """Per model: cosine of each trained atom [m, d] to the same row of the initial dictionary [m, d], and which
+    concepts fire (``fires`` [M, m] from ``firing.firing_stats``, ``names`` its row order)."""
+    if fires.dim() != 2 or fires.shape[0] != len(names):
+        raise ValueError(f"fires has shape {tuple(fires.shape)}; expected [{len(names)}, m] for models {list(names)}")
+    out = {}
+    for i, name in enumerate(names):
+        a, b = _check_atoms(f"initial[{name!r}]", initial[name]), _check_atoms(f"trained[{name!r}]", trained[name])
+        if a.shape != b.shape or a.shape[0] != fires.shape[1]:
+            raise ValueError(f"{name}: initial {tuple(a.shape)} and trained {tuple(b.shape)} atoms must have the same "
+                             f"shape [m={fires.shape[1]}, d]")
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        out[name] = Movement(name, cos, fires[i] > 0)
+    return out

@@ -336,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         source, stats, names = _source(args, cfg, rank, device)
         dims = {n: source.dims[n] for n in names}
         torch.manual_seed(train_cfg.seed)
-        model = UniversalSAE(dims, cfg.usae.width(dims), cfg.usae.k, encoder=cfg.usae.encoder)
+        model = UniversalSAE(dims, cfg.usae.width(dims), cfg.usae.k, encoder=cfg.usae.encoder,
+                             init=cfg.usae.init)
         for n in names:
             model.set_standardisation(n, stats[n].mean, stats[n].std)
         trainer = DistributedTrainer(model.to(device), train_cfg, checkpoint_dir=args.out / "checkpoints",

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from usae.config import ExperimentConfig, preset
+from usae.config import ExperimentConfig, preset, with_seed
 from usae.paths import FileLock, runs_dir
 
 
@@ -38,17 +38,21 @@ class Experiment:
     an image folder replacing the config's ``source`` (the ``paper`` preset's ImageNet root, holding
     ``train/`` and ``val/``); only for configs with real backbones, not the toy world. Backbones and SAEs
     live on ``config.device`` (``"auto"``: CUDA when available). ``shard_bytes``: the store's shard size (also
-    how much an interrupted extraction may have to redo). Bad settings (unknown backbone, k > m, a missing GPU)
-    fail here, before anything is written.
+    how much an interrupted extraction may have to redo). ``seed``: the pipeline seed (``usae.config.with_seed``:
+    world, zoo, USAE, independent SAEs); None keeps the config's seeds. Bad settings (unknown backbone, k > m, a
+    missing GPU) fail here, before anything is written.
     """
 
     def __init__(self, config: ExperimentConfig | str = "book", runs: str | Path | None = None,
-                 progress: bool = True, *, images: str | Path | None = None, shard_bytes: int = 1 << 30) -> None:
+                 progress: bool = True, *, images: str | Path | None = None, shard_bytes: int = 1 << 30,
+                 seed: int | None = None) -> None:
         self.config = preset(config) if isinstance(config, str) else config
         if not isinstance(self.config, ExperimentConfig):
             raise ValueError(f"config = {config!r} is not valid; expected an ExperimentConfig or a preset name")
         if images is not None:
             self.config = with_images(self.config, images)
+        if seed is not None:
+            self.config = with_seed(self.config, seed)
         from usae.zoo import get_entry  # ValueError listing the valid names for an unknown backbone
 
         if not self.is_toy:
@@ -229,17 +233,37 @@ class Experiment:
     def _acts_key(self) -> dict[str, Any]:
         return self._key("source", "backbones", "extract", *(("toy", "zoo") if self.is_toy else ()))
 
-    def _train_key(self, names: tuple[str, ...], changes: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def _usae_config(self, init: str | None = None):
+        """The config's ``USAEConfig``, with another initialisation when ``init`` is given."""
+        return self.config.usae if init is None else self.config.usae.replace(init=init)
+
+    def _train_key(self, names: tuple[str, ...], changes: dict[str, Any],
+                   init: str | None = None) -> tuple[Any, dict[str, Any]]:
         """(the TrainConfig with ``changes``, the artifact key of an SAE of ``names`` trained with it)."""
         train_cfg = self.config.train.replace(**changes)
-        return train_cfg, {"acts": self._acts_key(), "models": list(names), "usae": self.config.usae.to_dict(),
-                           "train": train_cfg.weights_dict()}
+        return train_cfg, {"acts": self._acts_key(), "models": list(names),
+                           "usae": self._usae_config(init).to_dict(), "train": train_cfg.weights_dict()}
 
-    def _trained(self, stage: str, names: tuple[str, ...], changes: dict[str, Any]) -> Path:
+    def _initial(self, names: tuple[str, ...], train_cfg: Any, init: str | None = None):
+        """The untrained SAE of ``names`` exactly as training starts it (seeded by ``train_cfg.seed``)."""
         from usae.model import UniversalSAE
+
+        store, usae_cfg = self.store(), self._usae_config(init)
+        torch.manual_seed(train_cfg.seed)
+        model = UniversalSAE({n: store.dims[n] for n in names}, usae_cfg.width(store.dims), usae_cfg.k,
+                             encoder=usae_cfg.encoder, init=usae_cfg.init)
+        for n in names:
+            model.set_standardisation(n, store.stats[n].mean, store.stats[n].std)
+        return model.to(self.device)
+
+    def initial_usae(self, *, init: str | None = None, **train_changes: Any):
+        """The USAE of ``usae(init=..., **train_changes)`` before its first step (to see how far atoms moved)."""
+        return self._initial(self.config.model_names, self.config.train.replace(**train_changes), init).eval()
+
+    def _trained(self, stage: str, names: tuple[str, ...], changes: dict[str, Any], init: str | None = None) -> Path:
         from usae.train import Trainer
 
-        train_cfg, key = self._train_key(names, changes)
+        train_cfg, key = self._train_key(names, changes, init)
 
         # trainer checkpoints (train_cfg.checkpoint_every > 0) live beside the artifact under a stable name, so
         # an interrupted run resumes where it stopped; removed once the artifact is complete
@@ -247,13 +271,7 @@ class Experiment:
 
         def build(tmp: Path) -> None:
             store = self.store()
-            dims = {n: store.dims[n] for n in names}
-            usae_cfg = self.config.usae
-            torch.manual_seed(train_cfg.seed)
-            model = UniversalSAE(dims, usae_cfg.width(self.store().dims), usae_cfg.k, encoder=usae_cfg.encoder)
-            model.to(self.device)
-            for n in names:
-                model.set_standardisation(n, store.stats[n].mean, store.stats[n].std)
+            model = self._initial(names, train_cfg, init)
             started = time.perf_counter()
             trainer = Trainer(model, train_cfg, progress=self.progress,
                               checkpoint_dir=checkpoints if train_cfg.checkpoint_every else None)
@@ -266,12 +284,13 @@ class Experiment:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return folder
 
-    def usae(self, **train_changes: Any):
+    def usae(self, *, init: str | None = None, **train_changes: Any):
         """The ``UniversalSAE`` trained on the store's train split (eval mode); ``train_changes`` replace
-        fields of the config's ``TrainConfig`` (e.g. ``update="joint"``), each variant cached separately."""
+        fields of the config's ``TrainConfig`` (e.g. ``update="joint"``) and ``init`` the decoder
+        initialisation (e.g. the authors' ``"official"``), each variant cached separately."""
         from usae.model import UniversalSAE
 
-        folder = self._trained("usae", self.config.model_names, train_changes)
+        folder = self._trained("usae", self.config.model_names, train_changes, init)
         return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
 
     def adopt_usae(self, folder: str | Path, **train_changes: Any) -> Path:
@@ -298,7 +317,7 @@ class Experiment:
         store, usae_cfg = self.store(), self.config.usae
         model = UniversalSAE.load(files["model.safetensors"])
         want = {"dims": {n: store.dims[n] for n in names}, "n_latents": usae_cfg.width(store.dims), "k": usae_cfg.k,
-                "encoder": usae_cfg.encoder}
+                "encoder": usae_cfg.encoder, "init": usae_cfg.init}
         got = model.config()
         if got != want or model.names != names:
             raise ValueError(f"{files['model.safetensors']} holds a USAE {got} (models {list(model.names)}); this "
@@ -329,19 +348,25 @@ class Experiment:
         on first use; with ``train.checkpoint_every`` > 0 an interrupted training resumes from its last checkpoint."""
         return self._trained("usae", self.config.model_names, train_changes)
 
-    def usae_history(self, **train_changes: Any) -> dict[str, Any]:
-        """The training history of ``usae(**train_changes)``: per-step losses, logged R² matrices, dead latents."""
-        folder = self._trained("usae", self.config.model_names, train_changes)
+    def usae_history(self, *, init: str | None = None, **train_changes: Any) -> dict[str, Any]:
+        """The training history of ``usae(init=..., **train_changes)``: per-step losses, logged R² matrices,
+        dead latents."""
+        folder = self._trained("usae", self.config.model_names, train_changes, init)
         return json.loads((folder / "history.json").read_text())
 
-    def independent_sae(self, name: str, **train_changes: Any):
+    def independent_sae(self, name: str, *, seed: int | None = None, **train_changes: Any):
         """A single-model SAE of backbone ``name``: the same class (M = 1), width, k and recipe as the USAE.
 
-        Its seed defaults to the USAE's seed + 1: with the same seed it would start from exactly the USAE's
-        initial atoms for that model, and comparing the two dictionaries (chapter 7) would be trivial."""
+        Its seed (None) defaults to the USAE's seed + 1: with the same seed it would start from exactly the
+        USAE's initial atoms for that model, and comparing the two dictionaries (chapter 7) would be trivial.
+        Its budget defaults to the USAE's steps / M (with its warmup scaled alike): the paper's rule updates one
+        model per step, so that is as many updates as each model's encoder and decoder get inside the USAE."""
         from usae.model import UniversalSAE
 
-        train_changes.setdefault("seed", self.config.train.seed + 1)
+        train_changes["seed"] = self.config.train.seed + 1 if seed is None else seed
+        n_models = len(self.config.model_names)
+        train_changes.setdefault("steps", max(1, self.config.train.steps // n_models))
+        train_changes.setdefault("warmup_steps", self.config.train.warmup_steps // n_models)
         if name not in self.config.model_names:
             raise ValueError(f"independent_sae: name = {name!r} is not valid; expected one of "
                              f"{list(self.config.model_names)}")

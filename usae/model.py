@@ -34,9 +34,12 @@ from usae.kernels.select import topk_indices
 from usae.paths import atomic_write
 from usae.sparse import SparseCode, sparse_decode_many, topk_encode
 
-__all__ = ["UniversalSAE", "ENCODERS", "normalise_rows"]
+__all__ = ["UniversalSAE", "ENCODERS", "INITS", "normalise_rows"]
 
 ENCODERS = ("batchnorm", "linear")
+# initial decoder rows: "tied" the encoder's rows normalised (our default, as OpenAI's and EleutherAI's TopK
+# SAEs), "unit" randn rows scaled to unit norm, "official" plain randn (norm ~ sqrt(d), the authors' code)
+INITS = ("tied", "unit", "official")
 _FORMAT = "usae.UniversalSAE/1"
 STANDARDISATION_EPS = 1e-5
 
@@ -68,11 +71,16 @@ def normalise_rows(weight: Tensor, eps: float = 1e-8) -> Tensor:
 class ModelCoder(nn.Module):
     """Encoder and decoder of one model: ``linear`` [m, d] (+ ``bn``), raw ``dictionary`` [m, d]."""
 
-    def __init__(self, dim: int, n_latents: int, encoder: str) -> None:
+    def __init__(self, dim: int, n_latents: int, encoder: str, init: str = "tied") -> None:
         super().__init__()
         self.linear = nn.Linear(dim, n_latents)
         self.bn = nn.BatchNorm1d(n_latents) if encoder == "batchnorm" else None
-        self.dictionary = nn.Parameter(torch.randn(n_latents, dim))
+        raw = torch.randn(n_latents, dim)  # drawn for every init: the RNG stream does not depend on it
+        if init == "unit":
+            raw = F.normalize(raw, dim=1)
+        elif init == "tied":
+            raw = F.normalize(self.linear.weight.detach().clone(), dim=1)
+        self.dictionary = nn.Parameter(raw)
         self.register_buffer("standard_mean", None)
         self.register_buffer("standard_std", None)
 
@@ -103,9 +111,15 @@ class UniversalSAE(nn.Module):
     >>> sae = UniversalSAE({"vit": 768, "dino": 384}, n_latents=6144, k=32)
     >>> code = sae.encode("vit", x)          # SparseCode, values/indices [N, 32]
     >>> recon = sae.decode(code)             # {"vit": [N, 768], "dino": [N, 384]}
+
+    ``init`` sets the initial decoder rows (``INITS``): ``"tied"`` (default) each model's encoder rows,
+    normalised; ``"unit"`` random unit-norm rows; ``"official"`` the authors' plain ``randn`` rows (norm
+    about sqrt(d)), which move little at short budgets (discrepancies appendix). Only the starting point
+    differs: the forward pass always normalises the rows.
     """
 
-    def __init__(self, dims: Mapping[str, int], n_latents: int, k: int, encoder: str = "batchnorm") -> None:
+    def __init__(self, dims: Mapping[str, int], n_latents: int, k: int, encoder: str = "batchnorm",
+                 init: str = "tied") -> None:
         super().__init__()
         dims = _check_dims(dims)
         if not isinstance(n_latents, int) or isinstance(n_latents, bool) or n_latents <= 0:
@@ -114,11 +128,14 @@ class UniversalSAE(nn.Module):
             raise ValueError(f"k = {k!r} is not valid; expected an integer with 1 <= k <= n_latents={n_latents}")
         if encoder not in ENCODERS:
             raise ValueError(f"encoder = {encoder!r} is not valid; expected one of {list(ENCODERS)}")
+        if init not in INITS:
+            raise ValueError(f"init = {init!r} is not valid; expected one of {list(INITS)}")
+        self.init = init
         self.names: tuple[str, ...] = tuple(dims)
         self.dims: dict[str, int] = dims
         self.n_latents, self.k, self.encoder_kind = n_latents, k, encoder
         self._index = {name: i for i, name in enumerate(self.names)}
-        self.coders = nn.ModuleList(ModelCoder(dims[n], n_latents, encoder) for n in self.names)
+        self.coders = nn.ModuleList(ModelCoder(dims[n], n_latents, encoder, init) for n in self.names)
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def index(self, name: str) -> int:
@@ -136,7 +153,8 @@ class UniversalSAE(nn.Module):
         return coder.encoder_parameters() + [coder.dictionary]
 
     def config(self) -> dict[str, Any]:
-        return {"dims": dict(self.dims), "n_latents": self.n_latents, "k": self.k, "encoder": self.encoder_kind}
+        return {"dims": dict(self.dims), "n_latents": self.n_latents, "k": self.k, "encoder": self.encoder_kind,
+                "init": self.init}
 
     # -- encode / decode -----------------------------------------------------------------------------------
     def _check_input(self, name: str, x: Tensor) -> None:
@@ -303,7 +321,9 @@ class UniversalSAE(nn.Module):
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "UniversalSAE":
         """Rebuild a model written by ``save`` (weights, BN statistics, standardisation)."""
         config = cls.read_config(path)
-        model = cls(config["dims"], config["n_latents"], config["k"], config["encoder"])
+        # files written before the init option have no "init": it only set the starting point, so any will do
+        model = cls(config["dims"], config["n_latents"], config["k"], config["encoder"],
+                    config.get("init", "official"))
         tensors = {}
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:
             for key in f.keys():

@@ -112,7 +112,7 @@ def load_official(checkpoints: str | Path | Mapping[str, str | Path], k: int = 3
     if len(set(has_bn.values())) != 1:
         raise ValueError(f"official checkpoints mix encoders with and without BatchNorm: {has_bn}")
     m = next(iter(latents.values()))
-    model = UniversalSAE(widths, m, k, "batchnorm" if next(iter(has_bn.values())) else "linear")
+    model = UniversalSAE(widths, m, k, "batchnorm" if next(iter(has_bn.values())) else "linear", init="official")
     tensors: dict[str, Tensor] = {}
     for i, (name, state) in enumerate(states.items()):
         expect = {_LINEAR + "weight": (m, widths[name]), _LINEAR + "bias": (m,)}

@@ -220,3 +220,30 @@ def update_rule_diagram(names: Sequence[str], selected: int = 0, update: str = "
                       xaxis=dict(visible=False, range=[0, 1.02]), yaxis=dict(visible=False, range=[0, 1]),
                       width=900, height=120 + 110 * m, margin=dict(l=10, r=10, t=60, b=10), showlegend=False)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- seeds table
+def seeds_headroom_figure(table, height_per_claim: int = 22) -> go.Figure:
+    """Every bounded claim of a ``usae.claims.SeedsTable``: each seed's headroom over its bound, in the claim's
+    direction and relative to the bound's scale (``(v - bound) / max(|bound|, |worst|)``, negated for ``<=``
+    claims); 0 is the bound, left of it a failure. One dot per seed, one row per claim."""
+    rows = [r for r in table.rows if r.op is not None]
+    if not rows:
+        raise ValueError("seeds_headroom_figure: the table has no bounded claim")
+    fig = go.Figure()
+    labels = [f"{r.chapter[:2]} · {r.name[:70]}" for r in rows]
+    for j, seed in enumerate(table.seeds):
+        xs = []
+        for r in rows:
+            v = r.values[j]
+            scale = max(abs(r.bound), abs(r.worst), 1e-9)
+            sign = 1.0 if r.op in (">=", ">") else -1.0
+            xs.append(sign * (v - r.bound) / scale)
+        fig.add_trace(go.Scatter(x=xs, y=labels, mode="markers", name=f"seed {seed}",
+                                 marker=dict(size=8, color=PALETTE[j % len(PALETTE)], opacity=0.8)))
+    fig.add_vline(x=0, line_dash="dash", line_color="#c0392b")
+    fig.update_layout(title="Headroom of every claim over its bound, per seed (0 = the bound; relative scale)",
+                      xaxis_title="(value - bound) / scale, in the claim's direction", height=120 +
+                      height_per_claim * len(rows), margin=dict(l=10, r=10, t=50, b=40),
+                      yaxis=dict(autorange="reversed"))
+    return fig
