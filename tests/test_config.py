@@ -64,3 +64,21 @@ def test_unknown_preset_and_unknown_keys_are_clear():
 def test_k_larger_than_derived_width_is_rejected():
     with pytest.raises(ValueError, match="k"):
         USAEConfig(expansion=1, k=64).width({"a": 32})
+
+
+def test_one_seed_reaches_every_stage(monkeypatch):
+    from usae.config import preset, seed_from_env, with_seed
+
+    base = preset("book")
+    s3 = with_seed(base, 3)
+    assert (s3.toy.seed, s3.zoo.seed, s3.train.seed) == (3, 3, 3)
+    for part in ("toy", "zoo", "train"):
+        assert getattr(s3, part).hash() != getattr(base, part).hash()
+    assert s3.usae == base.usae and s3.extract == base.extract
+    monkeypatch.setenv("USAE_SEED", "7")
+    assert seed_from_env() == 7
+    monkeypatch.setenv("USAE_SEED", "seven")
+    with pytest.raises(ValueError, match="USAE_SEED = 'seven' is not valid"):
+        seed_from_env()
+    with pytest.raises(ValueError, match="seed"):
+        with_seed(base, -1)

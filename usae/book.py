@@ -89,9 +89,24 @@ def run_seed(seed: int, preset: str, notebooks: list[Path], claims_dir: Path, ex
     chapter. A chapter that raises is reported and the next one still runs (each computes what it needs)."""
     import papermill as pm
 
+    # the kernels papermill starts inherit this environment; restored afterwards
+    saved = {k: os.environ.get(k) for k in ("USAE_SEED", "USAE_PRESET", "USAE_CLAIMS_DIR", "USAE_CLAIMS")}
     os.environ.update({"USAE_SEED": str(seed), "USAE_PRESET": preset, "USAE_CLAIMS_DIR": str(claims_dir),
                        "USAE_CLAIMS": "record"})
+    try:
+        return _run_chapters(seed, preset, notebooks, claims_dir, executed_dir, root, pm)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_chapters(seed: int, preset: str, notebooks: list[Path], claims_dir: Path, executed_dir: Path, root: Path,
+                  pm) -> dict[str, float]:
     seconds: dict[str, float] = {}
+    errors: dict[str, str] = {}
     executed_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks:
         started = time.perf_counter()
@@ -102,17 +117,22 @@ def run_seed(seed: int, preset: str, notebooks: list[Path], claims_dir: Path, ex
             status = "ok"
         except Exception as err:  # noqa: BLE001 - report, then run the next chapter
             status = f"FAILED: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            errors[nb.stem] = status
         seconds[nb.stem] = time.perf_counter() - started
         print(f"seed {seed} {nb.stem}: {seconds[nb.stem]:.0f} s {status}", flush=True)
     timing = claims_dir / str(seed) / "seconds.json"
     timing.parent.mkdir(parents=True, exist_ok=True)
     timing.write_text(json.dumps(seconds, indent=1))
+    (claims_dir / str(seed) / "errors.json").write_text(json.dumps(errors, indent=1))
     return seconds
 
 
 def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list[str] | None = None,
-          table: Path | None = None, work: Path | None = None, root: Path | None = None) -> Path:
-    """Run the chapters for every seed (``jobs`` seeds at a time) and write the seeds table; returns its path."""
+          table: Path | None = None, work: Path | None = None, root: Path | None = None, check: bool = False,
+          run: bool = True, threads: int | None = None) -> Path:
+    """Run the chapters for every seed (``jobs`` seeds at a time) and write the seeds table; returns its path.
+    ``check``: RuntimeError when a claim fails for some seed (or a chapter raised). ``run=False`` only gathers
+    the records already under ``work`` (e.g. seeds run in separate invocations; ``threads`` as they ran)."""
     from usae.claims import SeedsTable
 
     root = root or repo_root()
@@ -124,8 +144,10 @@ def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list
     work = work or root / "data" / "runs" / f"seeds-{preset}"
     claims_dir, executed = work / "claims", work / "executed"
     table = table or root / "data" / "seeds" / f"{preset}.json"
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1)
-    if jobs == 1:
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1)
+    if not run:
+        pass
+    elif jobs == 1:
         for s in seed_list:
             run_seed(s, preset, notebooks, claims_dir, executed, root)
     else:
@@ -149,6 +171,18 @@ def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list
     print(f"seeds table: {table} ({len(result.rows)} claims, {len(failed)} failing for some seed)")
     for r in failed:
         print(f"  fails: {r.chapter} / {r.name}: {r.op} {r.bound} vs {r.values}")
+    errors = {}
+    for sd in seed_list:
+        path = claims_dir / str(sd) / "errors.json"
+        if path.exists():
+            errors.update({f"seed {sd}: {ch}": msg for ch, msg in json.loads(path.read_text()).items()})
+    for where, msg in errors.items():
+        print(f"  chapter error: {where}: {msg} (executed notebook under {executed})")
+    if check and errors:
+        raise RuntimeError(f"{len(errors)} chapter run(s) raised: {sorted(errors)}")
+    if check and failed:
+        raise RuntimeError(f"{len(failed)} claim(s) failed for some seed of {seed_list}: "
+                           + "; ".join(f"{r.chapter} / {r.name}" for r in failed))
     return table
 
 
@@ -165,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--chapters", default=None, help="comma-separated chapter names (default: all but timing)")
     s.add_argument("--table", type=Path, default=None, help="output JSON (default data/seeds/<preset>.json)")
     s.add_argument("--work", type=Path, default=None, help="claim records and executed notebooks")
+    s.add_argument("--check", action="store_true", help="exit 1 when a claim fails for some seed")
+    s.add_argument("--gather", type=int, default=None, metavar="THREADS",
+                   help="do not run: gather the records under --work, which ran with THREADS threads each")
     s.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -181,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 for sd in seed_list:
                     run_seed(sd, args.preset, chapters(root, names), work / "claims", work / "executed", root)
             else:
-                seeds(seed_list, args.preset, args.jobs, names, args.table, args.work)
+                seeds(seed_list, args.preset, args.jobs, names, args.table, args.work, check=args.check,
+                      run=args.gather is None, threads=args.gather)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

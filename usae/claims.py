@@ -218,7 +218,7 @@ class SeedsTable:
         """Read ``<folder>/<seed>/*.json`` for the given seeds."""
         records = []
         for s in seeds:
-            for f in sorted((Path(folder) / str(s)).glob("*.json")):
+            for f in sorted((Path(folder) / str(s)).glob("[0-9][0-9]_*.json")):
                 records.append(json.loads(f.read_text()))
         if not records:
             raise ValueError(f"no claim records under {folder} for seeds {list(seeds)}")
