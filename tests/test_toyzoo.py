@@ -110,3 +110,20 @@ def test_bad_input_raises(world: ToyWorld, tmp_path: Path):
     with pytest.raises(ValueError, match="train the zoo first"):
         toyzoo.load_toy_backbone("toy_vit", tmp_path)
     assert not (tmp_path / "x").exists()
+
+
+def test_models_trained_in_worker_processes_equal_one_thread_training(world, tmp_path, one_thread):
+    """Two one-thread workers give the same weights as training the models in turn on one thread."""
+    from safetensors.torch import load_file
+
+    cfg = TINY.replace(models=("toy_mixer", "toy_vit"), steps=6, n_train_images=96, n_val_images=64)
+    parallel = toyzoo.train_toy_zoo(world, cfg, tmp_path / "par", progress=False, workers=2)
+    serial = toyzoo.train_toy_zoo(world, cfg, tmp_path / "ser", progress=False, workers=1)
+    assert list(parallel) == list(cfg.models)
+    for name in cfg.models:
+        a, b = load_file(tmp_path / "par" / f"{name}.safetensors"), load_file(tmp_path / "ser" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert parallel[name]["final_loss"] == serial[name]["final_loss"]
+    assert not list((tmp_path / "par").glob("*.report.json"))
+    with pytest.raises(ValueError, match="workers = 0 is not valid"):
+        toyzoo.train_toy_zoo(world, cfg, tmp_path / "bad", progress=False, workers=0)

@@ -155,7 +155,7 @@ def chapter_settings(preset: str) -> dict[str, Any]:
     """Shapes and repetitions of the performance chapter for a preset.
 
     ``smoke``: tiny shapes, one repetition (seconds; speed-ups need not show). ``book``: the paper's shape
-    for the step benchmark with few repetitions, the sweep around B = 1568 (a few minutes on 2 CPU cores).
+    for the step benchmark with few repetitions, the sweep around B = 784 (a few minutes on 2 CPU cores).
     ``paper``: as ``book`` with the bench's repetitions and the sweep around B = 6272.
     """
     if preset == "smoke":
@@ -164,7 +164,7 @@ def chapter_settings(preset: str) -> dict[str, Any]:
                 "latents": (256, 512, 1024), "n_models": (1, 2, 3, 4)}
     if preset in ("book", "paper"):
         paper = preset == "paper"
-        base = PAPER_BATCH if paper else PAPER_BATCH // 4
+        base = PAPER_BATCH if paper else PAPER_BATCH // 8
         return {"dims": dict(PAPER_DIMS), "n_latents": PAPER_LATENTS, "k": PAPER_K, "batch_size": PAPER_BATCH,
                 "repeats": 5 if paper else 2, "reference_repeats": 3 if paper else 1, "fit_steps": 4 if paper else 3,
                 "sweep_batch": base, "batch_sizes": (base // 2, base, base * 2),
