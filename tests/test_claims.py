@@ -49,9 +49,11 @@ def test_claim_records_are_written_per_seed(tmp_path, monkeypatch):
 def test_margin_rule():
     from usae.claims import SeedsRow
 
-    assert SeedsRow("c", "x", ">=", 4.0, (5.0, 6.0)).margin_ok()            # margin 1 >= 0.1 * 5
+    assert SeedsRow("c", "x", ">=", 4.0, (5.0, 6.0)).margin_ok()            # margin 1 >= max(0.5, 0.5)
     assert not SeedsRow("c", "x", ">=", 4.9, (5.0, 6.0)).margin_ok()        # 0.1 < 0.5
+    assert not SeedsRow("c", "x", ">=", 1.0, (2.0, 7.0)).margin_ok()        # 1 < half the spread, 2.5
     assert SeedsRow("c", "none", "<=", 0.0, (0.0, 0.0)).margin_ok()         # exact "none"
+    assert not SeedsRow("c", "count", "<=", 1.0, (1.0, 0.0)).margin_ok()    # not exact: a count at its bound
     assert not SeedsRow("c", "x", ">", 0.0, (0.0, 1.0)).holds
     assert not SeedsRow("c", "x", ">=", 1.0, (0.5, math.nan)).holds         # a missing seed fails
     assert SeedsRow("c", "x", "<=", 0.8, (0.5, 0.6)).margin == pytest.approx(0.2)

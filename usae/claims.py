@@ -29,7 +29,7 @@ __all__ = ["Claim", "Claims", "ENFORCED_PRESET", "MARGIN_FRACTION", "SeedsRow", 
            "parse_seeds"]
 
 ENFORCED_PRESET = "book"
-# a bound must leave the worst seed this share of its own value as margin (counts: at least 1, or 0 for "none")
+# a bound must leave the worst seed at least this share of its own value, and half the seeds' spread, as margin
 MARGIN_FRACTION = 0.1
 CLAIMS_DIR_ENV = "USAE_CLAIMS_DIR"
 CLAIMS_MODE_ENV = "USAE_CLAIMS"
@@ -173,13 +173,18 @@ class SeedsRow:
             return None
         return self.worst - self.bound if self.op in (">=", ">") else self.bound - self.worst
 
+    def required_margin(self) -> float:
+        """The stated rule: the worst seed must clear the bound by ``MARGIN_FRACTION`` of its own size and by
+        half the spread between seeds (another seed or another CPU moves a number about that much)."""
+        vals = self.recorded
+        return max(MARGIN_FRACTION * abs(self.worst), 0.5 * (max(vals) - min(vals)))
+
     def margin_ok(self) -> bool:
-        """The stated rule: the worst seed clears the bound by at least ``MARGIN_FRACTION`` of its own size."""
         if self.op is None:
             return True
-        if self.op in (">=", "<=") and self.bound in (0.0, 1.0) and self.margin >= 0:
-            return True  # an exact "none" / "all" claim (a count of 0, a share of 1)
-        return self.margin > 0 and self.margin >= MARGIN_FRACTION * abs(self.worst) - 1e-12
+        if self.op in (">=", "<=") and self.bound in (0.0, 1.0) and all(v == self.bound for v in self.values):
+            return True  # an exact "none" / "all" claim (a count of 0, a share of 1) that held exactly every time
+        return self.margin > 0 and self.margin >= self.required_margin() - 1e-12
 
     @property
     def holds(self) -> bool:
