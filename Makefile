@@ -18,17 +18,18 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 book: $(STAMP)
-	$(VPY) -m usae.book build
+	$(VENV)/bin/usae book
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check usae tests
 	$(VPY) -m pytest
 
 # every chapter's claims for seeds 0-4 at the book preset -> data/seeds/book.json (about an hour on 2 cores)
 seeds: $(STAMP)
-	$(VPY) -m usae.book seeds --preset book --seeds 0-4 --jobs 2
+	$(VENV)/bin/usae seeds --preset book --seeds 0-4 --jobs 2
 
 bench: $(STAMP)
-	$(VPY) -m usae.bench
+	$(VENV)/bin/usae bench
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab book/

@@ -21,11 +21,12 @@ from PIL import Image
 
 from usae import cli
 from usae.config import ExtractConfig, TrainConfig, USAEConfig, ZooTrainConfig, preset
+from usae.core.model import UniversalSAE
+from usae.data.extract import extract_store
+from usae.data.sources import ImageFolder
+from usae.data.store import ActivationStore, StoreError
 from usae.experiment import Experiment
-from usae.extract import ImageFolder, extract_store
-from usae.model import UniversalSAE
-from usae.store import ActivationStore, StoreError
-from usae.train import Trainer
+from usae.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,7 +272,7 @@ def official_file(folder: Path, drop: str | None = None) -> Path:
 
 
 def test_official_checkpoint_with_missing_keys(tmp_path):
-    from usae.official import load_official
+    from usae.core.official import load_official
 
     folder = tmp_path / "official"
     official_file(folder, drop="encoder.final_block.0.bias")
@@ -288,7 +289,7 @@ def test_official_checkpoint_with_missing_keys(tmp_path):
 
 
 def test_official_checkpoint_with_code_inside_is_not_unpickled(tmp_path):
-    from usae.official import load_official
+    from usae.core.official import load_official
 
     folder = tmp_path / "official"
     folder.mkdir()
@@ -320,7 +321,7 @@ def enospc(*_args, **_kwargs):
 
 
 def test_disk_full_while_saving_a_model(tmp_path, monkeypatch):
-    import usae.model
+    import usae.core.model
 
     path = small_sae().save(tmp_path / "model.safetensors")
     before = snapshot(tmp_path)
@@ -329,7 +330,7 @@ def test_disk_full_while_saving_a_model(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
         enospc()
 
-    monkeypatch.setattr(usae.model, "save_file", half_then_full)
+    monkeypatch.setattr(usae.core.model, "save_file", half_then_full)
     with pytest.raises(OSError, match=r"no space left on the device while writing '.*model\.safetensors' \(No space "
                                       r"left on device\); free some space or write elsewhere"):
         small_sae(64).save(path)
@@ -349,11 +350,11 @@ def test_disk_full_while_extracting_over_an_existing_store(tmp_path, monkeypatch
 
 
 def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
-    import usae.train
+    import usae.train.checkpoint
 
     ckpt = tmp_path / "ckpt"
     trainer = Trainer(small_sae(), TRAIN, checkpoint_dir=ckpt, progress=False)
-    real_save, before = usae.train.save_file, {}
+    real_save, before = usae.train.checkpoint.save_file, {}
 
     def full_after_first(tensors, filename, *args, **kwargs):  # step 2 is written, step 4 finds the disk full
         if before:
@@ -362,7 +363,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
         real_save(tensors, filename, *args, **kwargs)
         before["written"] = True
 
-    monkeypatch.setattr(usae.train, "save_file", full_after_first)
+    monkeypatch.setattr(usae.train.checkpoint, "save_file", full_after_first)
     with pytest.raises(OSError, match=r"no space left on the device while writing '.*step_000000004' \(No space "
                                       r"left on device\); free some space"):
         trainer.fit(rows())
@@ -372,7 +373,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ analysis APIs
 def stats_and_model():
-    from usae.firing import firing_stats
+    from usae.stats.firing import firing_stats
 
     sae = small_sae().eval()
     return firing_stats(sae, rows(), progress=False), sae
@@ -380,8 +381,8 @@ def stats_and_model():
 
 def test_concept_index_out_of_range():
     from usae.cam.objectives import concept_head
-    from usae.galleries import top_images
-    from usae.viz_concepts import concept_title
+    from usae.stats.galleries import top_images
+    from usae.viz.concepts import concept_title
 
     stats, sae = stats_and_model()
     with pytest.raises(ValueError, match=r"concepts hold ids in \[40, 40\]; expected ids in \[0, 32\)"):
@@ -396,7 +397,7 @@ def test_concept_index_out_of_range():
 
 
 def test_negative_firing_threshold():
-    from usae.firing import firing_stats
+    from usae.stats.firing import firing_stats
 
     sae = small_sae().eval()
     with pytest.raises(ValueError, match=r"threshold = -0\.1 is not valid; expected a number >= 0 \(a concept fires on "
@@ -460,4 +461,4 @@ def test_nothing_is_unpickled_from_disk_except_weights_only_official_checkpoints
                 allow = keywords.get("allow_pickle")
                 assert allow is None or (isinstance(allow, ast.Constant) and allow.value is False), \
                     f"{where} allows pickles"
-    assert len(torch_loads) == 1 and torch_loads[0].startswith("usae/official.py:"), torch_loads
+    assert len(torch_loads) == 1 and torch_loads[0].startswith("usae/core/official.py:"), torch_loads

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from usae.book import build
-from usae.paths import repo_root
-from usae.viz import PALETTE
+from usae.config import repo_root
+from usae.viz.core import PALETTE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

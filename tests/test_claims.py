@@ -6,7 +6,7 @@ import math
 import pytest
 
 from usae.claims import MARGIN_FRACTION, Claims, SeedsTable, parse_seeds
-from usae.paths import repo_root
+from usae.config import repo_root
 
 TABLE = repo_root() / "data" / "seeds" / "book.json"
 
@@ -78,7 +78,8 @@ def _chapter_claim_sources() -> dict[str, str]:
     out = {}
     for nb in sorted((repo_root() / "book").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
-        checks = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and "claims.verify()" in "".join(c["source"])]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        checks = [src for src in code if "claims.verify()" in src]
         assert len(checks) == 1, f"{nb.stem}: expected one Checks cell calling claims.verify(), found {len(checks)}"
         out[nb.stem] = checks[0]
     return out

@@ -1,7 +1,15 @@
 import pytest
 
-from usae.config import (BackboneSpec, ExperimentConfig, ExtractConfig, ToyWorldConfig, TrainConfig,
-                         USAEConfig, ZooTrainConfig, preset)
+from usae.config import (
+    BackboneSpec,
+    ExperimentConfig,
+    ExtractConfig,
+    ToyWorldConfig,
+    TrainConfig,
+    USAEConfig,
+    ZooTrainConfig,
+    preset,
+)
 
 
 @pytest.mark.parametrize("name", ["smoke", "book", "paper"])
@@ -82,3 +90,9 @@ def test_one_seed_reaches_every_stage(monkeypatch):
         seed_from_env()
     with pytest.raises(ValueError, match="seed"):
         with_seed(base, -1)
+
+
+def test_configs_written_before_the_standardise_spelling_still_load():
+    old = preset("smoke").to_dict()
+    old["extract"]["standardize"] = old["extract"].pop("standardise")
+    assert ExperimentConfig.from_dict(old) == preset("smoke")

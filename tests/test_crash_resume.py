@@ -24,10 +24,11 @@ import torch
 from safetensors import safe_open
 
 from usae.config import ExtractConfig, TrainConfig, ZooTrainConfig, preset
+from usae.data.extract import extract_store
+from usae.data.sources import ImageSource
+from usae.data.store import ActivationStore, StoreError
+from usae.data.store_writer import StoreWriter
 from usae.experiment import Experiment
-from usae.extract import ImageSource, extract_store
-from usae.store import ActivationStore, StoreError
-from usae.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,9 @@ def cli(command: str, config_file: Path, runs: Path, *extra: str) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    # the same thread count as this process, whose in-process reference runs the children are compared with
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     env.pop("USAE_RUNS", None)
     return env
 
@@ -292,8 +295,8 @@ def test_a_writer_killed_between_manifest_and_rename_is_finished_by_the_next_run
 
 
 def test_resumed_training_in_process_matches_and_old_checkpoints_are_rotated(tmp_path):
-    from usae.model import UniversalSAE
-    from usae.train import Trainer
+    from usae.core.model import UniversalSAE
+    from usae.train.trainer import Trainer
 
     data = {"a": torch.randn(256, 8, generator=torch.Generator().manual_seed(1)),
             "b": torch.randn(256, 12, generator=torch.Generator().manual_seed(2))}

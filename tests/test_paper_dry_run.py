@@ -19,15 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
-from usae import (Experiment, TrainConfig, UniversalSAE, cam, firing, galleries, load_official, preset, r2_matrix,
-                  self_reconstruction)
+from usae import Experiment, TrainConfig, UniversalSAE, cam, load_official, preset, r2_matrix, self_reconstruction
 from usae.cam import study as cam_study
 from usae.config import PAPER_BACKBONES, BackboneSpec, ExperimentConfig
-from usae.extract import ImageFolder, extract_store, resample_grid
-from usae.official import OFFICIAL_STANDARDISATION
-from usae.standardisation import Standardisation
-from usae.store import ActivationStore
-from usae.zoo import get_entry
+from usae.core.official import OFFICIAL_STANDARDISATION
+from usae.data.extract import extract_store, resample_grid
+from usae.data.sources import ImageFolder
+from usae.data.standardisation import Standardisation
+from usae.data.store import ActivationStore
+from usae.data.zoo import get_entry
+from usae.stats import firing, galleries
 
 N_IMAGES = 2                  # per split
 TOKENS = 14 * 14              # the common grid
@@ -78,7 +79,7 @@ def test_only_sizes_differ_from_the_paper_preset():
     assert [b.replace(pretrained=True) for b in dry.backbones] == list(paper.backbones)
     # what the paper (and its official code) uses
     assert paper.model_names == PAPER_BACKBONES and paper.extract.grid == 14 and paper.extract.image_size == 224
-    assert paper.extract.standardize == "scalar" and paper.extract.n_stats_images == 1000
+    assert paper.extract.standardise == "scalar" and paper.extract.n_stats_images == 1000
     assert (paper.usae.expansion, paper.usae.k, paper.usae.encoder) == (8, 32, "batchnorm")
     t = paper.train
     assert (t.loss, t.aux, t.aux_coef, t.update, t.lr, t.final_lr, t.weight_decay, t.grad_clip) == \
@@ -125,11 +126,11 @@ def test_paper_usae_trains_one_step(run):
     model, history, store = run["model"], run["history"], run["store"]
     assert (model.n_latents, model.k, model.encoder_kind) == (M_PAPER, 32, "batchnorm")
     assert model.dims == store.dims and model.names == PAPER_BACKBONES
-    assert len(history["loss"]) == 1 and math.isfinite(history["loss"][0])
-    assert history["lr"] == [1e-6]  # step 0 of the warmup starts at final_lr
-    assert history["model"][0] in range(3)  # one model picked for the step
+    assert len(history.loss) == 1 and math.isfinite(history.loss[0])
+    assert history.lr == [1e-6]  # step 0 of the warmup starts at final_lr
+    assert history.model[0] in range(3)  # one model picked for the step
     for name in PAPER_BACKBONES:  # the official aux term is on for every target
-        assert history["aux"][name][0] > 0
+        assert history.aux[name][0] > 0
     # the trainer's checkpoint folder (checkpoint_every=10,000: one checkpoint at the end) is removed once the
     # artifact is complete
     assert not list(run["exp"].runs.glob(".usae-*.checkpoints"))
@@ -223,9 +224,9 @@ def test_ood_folder_recipe(run, tmp_path):
 
 
 def test_a_data_parallel_run_is_adopted_by_the_experiment(run, tmp_path):
-    """``usae.distributed`` (one process here; torchrun on GPUs) over the experiment's store, then
+    """``usae.train.distributed`` (one process here; torchrun on GPUs) over the experiment's store, then
     ``Experiment.adopt_usae``: the chapters' ``exp.usae()`` returns that model instead of training one."""
-    from usae import distributed
+    from usae.train import distributed
 
     exp, store, out = run["exp"], run["store"], tmp_path / "usae-dp"
     argv = ["--preset", "paper", "--store", str(store.path), "--out", str(out), "--steps", "1", "--batch-size",
@@ -239,7 +240,8 @@ def test_a_data_parallel_run_is_adopted_by_the_experiment(run, tmp_path):
     assert (folder / "adopted_from.txt").is_file()
     adopted, trained = exp.usae(seed=1), UniversalSAE.load(out / "model.safetensors")
     assert adopted.names == PAPER_BACKBONES
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(adopted.state_dict().values(), trained.state_dict().values()))
+    pairs = zip(adopted.state_dict().values(), trained.state_dict().values(), strict=True)
+    assert all(torch.equal(a.cpu(), b) for a, b in pairs)
 
 
 # -- the paper path's clear errors (fast: nothing is built) -------------------------------------------------

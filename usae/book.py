@@ -1,11 +1,11 @@
 """Build the research book, and run its claims across seeds.
 
-``python -m usae.book build [--output DIR] [--preset smoke|book|paper]`` (``make book`` calls it) vendors
+``usae book [--output DIR] [--preset smoke|book|paper]`` (``make book`` calls it) vendors
 plotly.js, executes every chapter afresh (``execute_notebooks: force``) and renders HTML with Jupyter Book 1.x;
 a failing cell or any Sphinx warning fails the build. The chapters read the preset from ``USAE_PRESET``, the
 pipeline seed from ``USAE_SEED`` and the artifact cache from ``USAE_RUNS``.
 
-``python -m usae.book seeds --preset book --seeds 0-4 [--jobs 2]`` (``make seeds``) executes the chapters with
+``usae seeds --preset book --seeds 0-4 [--jobs 2]`` (``make seeds``) executes the chapters with
 papermill for every seed (no rendering; chapter 10, which only times kernels, is left out unless named), with
 claims recorded rather than enforced, and writes the seeds table (``data/seeds/<preset>.json``): every claim's
 value per seed, its bound, min, max and margin, and the CPU model. ``--jobs 2`` runs two seeds at a time with
@@ -14,7 +14,6 @@ one thread each.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from usae.config import PRESETS
-from usae.paths import repo_root
+from usae._checks import positive_int
+from usae.config import PRESETS, repo_root
 
 
 def vendor_plotly(root: Path) -> Path:
@@ -138,8 +137,7 @@ def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list
     root = root or repo_root()
     if preset not in PRESETS:
         raise ValueError(f"preset = {preset!r} is not valid; expected one of {list(PRESETS)}")
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs = {jobs!r} is not valid; expected an integer >= 1")
+    positive_int("jobs", jobs)
     notebooks = chapters(root, names)
     work = work or root / "data" / "runs" / f"seeds-{preset}"
     claims_dir, executed = work / "claims", work / "executed"
@@ -157,7 +155,7 @@ def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list
         for group in groups:
             if not group:
                 continue
-            cmd = [sys.executable, "-m", "usae.book", "seeds", "--preset", preset, "--jobs", "1", "--no-table",
+            cmd = [sys.executable, "-m", "usae.cli", "seeds", "--preset", preset, "--jobs", "1", "--no-table",
                    "--seeds", ",".join(map(str, group)), "--work", str(work)]
             if names is not None:
                 cmd += ["--chapters", ",".join(names)]
@@ -184,47 +182,3 @@ def seeds(seed_list: list[int], preset: str = "book", jobs: int = 1, names: list
         raise RuntimeError(f"{len(failed)} claim(s) failed for some seed of {seed_list}: "
                            + "; ".join(f"{r.chapter} / {r.name}" for r in failed))
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m usae.book", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="execute every chapter and render the HTML book")
-    b.add_argument("--output", type=Path, default=None, help="folder to hold _build/ (default: the repo root)")
-    b.add_argument("--preset", choices=PRESETS, default=None, help="override USAE_PRESET for every chapter")
-    s = sub.add_parser("seeds", help="run the chapters for several seeds and write the seeds table")
-    s.add_argument("--preset", choices=PRESETS, default="book")
-    s.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,5 (default 0-4)")
-    s.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each with cores/jobs threads")
-    s.add_argument("--chapters", default=None, help="comma-separated chapter names (default: all but timing)")
-    s.add_argument("--table", type=Path, default=None, help="output JSON (default data/seeds/<preset>.json)")
-    s.add_argument("--work", type=Path, default=None, help="claim records and executed notebooks")
-    s.add_argument("--check", action="store_true", help="exit 1 when a claim fails for some seed")
-    s.add_argument("--gather", type=int, default=None, metavar="THREADS",
-                   help="do not run: gather the records under --work, which ran with THREADS threads each")
-    s.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            build(args.output, args.preset)
-        else:
-            from usae.claims import parse_seeds
-
-            seed_list = parse_seeds(args.seeds)
-            names = None if args.chapters is None else [n.strip() for n in args.chapters.split(",") if n.strip()]
-            if args.no_table:
-                root = repo_root()
-                work = args.work or root / "data" / "runs" / f"seeds-{args.preset}"
-                for sd in seed_list:
-                    run_seed(sd, args.preset, chapters(root, names), work / "claims", work / "executed", root)
-            else:
-                seeds(seed_list, args.preset, args.jobs, names, args.table, args.work, check=args.check,
-                      run=args.gather is None, threads=args.gather)
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

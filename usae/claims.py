@@ -11,7 +11,7 @@ chosen from the seeds table (``data/seeds/book.json``: every claim at the ``book
 
 Bounds are calibrated for the ``book`` preset on the toy world, so claims are enforced only there; at the
 other presets they are recorded and printed, never asserted. With ``$USAE_CLAIMS_DIR`` set, ``verify`` also
-writes ``<dir>/<seed>/<chapter>.json`` (how ``python -m usae.book seeds`` collects them); with
+writes ``<dir>/<seed>/<chapter>.json`` (how ``usae seeds`` collects them); with
 ``$USAE_CLAIMS=record`` it records without raising, so one failed claim does not hide the others' values.
 """
 
@@ -21,9 +21,10 @@ import json
 import math
 import os
 import platform
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["Claim", "Claims", "ENFORCED_PRESET", "MARGIN_FRACTION", "SeedsRow", "SeedsTable", "cpu_model",
            "parse_seeds"]
@@ -204,7 +205,7 @@ class SeedsTable:
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], preset: str, seeds: Sequence[int], cpu: str,
-                     threads: int) -> "SeedsTable":
+                     threads: int) -> SeedsTable:
         """Gather the per-chapter records written by ``Claims.verify`` (any order) into one table."""
         seeds = tuple(seeds)
         by_key: dict[tuple[str, str], dict[str, Any]] = {}
@@ -219,7 +220,7 @@ class SeedsTable:
         return cls(preset, seeds, cpu, threads, rows)
 
     @classmethod
-    def collect(cls, folder: str | Path, preset: str, seeds: Sequence[int], threads: int) -> "SeedsTable":
+    def collect(cls, folder: str | Path, preset: str, seeds: Sequence[int], threads: int) -> SeedsTable:
         """Read ``<folder>/<seed>/*.json`` for the given seeds."""
         records = []
         for s in seeds:
@@ -236,7 +237,7 @@ class SeedsTable:
         return json.dumps(data, indent=1, ensure_ascii=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SeedsTable":
+    def load(cls, path: str | Path) -> SeedsTable:
         data = json.loads(Path(path).read_text())
         rows = tuple(SeedsRow(r["chapter"], r["name"], r["op"], r["bound"],
                               tuple(math.nan if v is None else float(v) for v in r["values"])) for r in data["rows"])
@@ -260,7 +261,8 @@ class SeedsTable:
             vals = r.recorded
             row: dict[str, Any] = {"chapter": r.chapter, "claim": r.name,
                                    "bound": "" if r.op is None else f"{r.op} {r.bound:.4g}"}
-            row.update({f"seed {s}": ("—" if math.isnan(v) else round(v, 4)) for s, v in zip(self.seeds, r.values)})
+            per_seed = zip(self.seeds, r.values, strict=True)
+            row.update({f"seed {s}": ("—" if math.isnan(v) else round(v, 4)) for s, v in per_seed})
             row.update({"min": round(min(vals), 4), "max": round(max(vals), 4),
                         "margin": "" if r.margin is None else round(r.margin, 4),
                         "holds": "" if r.op is None else ("yes" if r.holds else "NO")})

@@ -1,12 +1,15 @@
-"""Command line for the long-running stages: ``python -m usae.cli {extract,train} [options]``.
+"""The ``usae`` command line: ``usae {extract,train,bench,book,seeds} [options]`` (or ``python -m usae.cli``).
 
 ::
 
-    python -m usae.cli extract --preset book                     # toy zoo + activation store
-    python -m usae.cli train --preset paper --images /data/imagenet --set train.checkpoint_every=10000
-    python -m usae.cli train --config my_config.json --runs /scratch/runs --set train.steps=2000
+    usae extract --preset book                     # toy zoo + activation store
+    usae train --preset paper --images /data/imagenet --set train.checkpoint_every=10000
+    usae train --config my_config.json --runs /scratch/runs --set train.steps=2000
+    usae bench [--quick] [step|store|...]          # speed against references timed in the same run
+    usae book [--preset smoke]                     # execute every chapter and render the HTML book
+    usae seeds --preset book --seeds 0-4 --jobs 2  # every chapter's claims per seed -> the seeds table
 
-Both commands get-or-compute the artifacts of :class:`usae.experiment.Experiment` and print the artifact's
+``extract`` and ``train`` get-or-compute the artifacts of :class:`usae.experiment.Experiment` and print the artifact's
 folder. Run the same command again after an interruption (Ctrl-C, a crash, ``kill -9``) and it continues:
 the extraction keeps its completed, checksum-verified shards and recomputes the rest; training resumes from
 its last checkpoint (written every ``train.checkpoint_every`` steps; 0 writes none before the end) and ends
@@ -22,8 +25,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from usae.config import PRESETS, SEED_ENV, ExperimentConfig, preset, seed_from_env
 
@@ -77,8 +81,9 @@ def load_config(preset_name: str | None, config_file: str | Path | None,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m usae.cli", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="usae", description="Universal Sparse Autoencoders: the pipeline, the "
+                                     "benchmarks and the book.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{extract,train,bench,book,seeds}")
     for name, text in (("extract", "train the toy zoo if needed and extract the activation store"),
                        ("train", "extract if needed, then train the USAE (resumes from its last checkpoint)")):
         p = sub.add_parser(name, help=text, description=text)
@@ -92,29 +97,101 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--seed", default=None, help="pipeline seed: world, zoo, USAE, SAEs (default: $USAE_SEED or "
                        "the config's seeds)")
+    text = "speed benchmarks, as ratios against references timed in the same run"
+    p = sub.add_parser("bench", help=text, description=text)
+    p.add_argument("entries", nargs="*", help="entries to run (default: all of usae.perf.runner.ENTRIES)")
+    p.add_argument("--quick", action="store_true", help="small shapes, for a fast check")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="device of the step entry (default: $USAE_BENCH_DEVICE or auto)")
+    text = "execute every chapter afresh and render the HTML book"
+    p = sub.add_parser("book", help=text, description=text)
+    p.add_argument("--output", type=Path, default=None, help="folder to hold _build/ (default: the repo root)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="override USAE_PRESET for every chapter")
+    text = "run the chapters for several seeds and write the seeds table"
+    p = sub.add_parser("seeds", help=text, description=text)
+    p.add_argument("--preset", choices=PRESETS, default="book")
+    p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,5 (default 0-4)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each with cores/jobs threads")
+    p.add_argument("--chapters", default=None, help="comma-separated chapter names (default: all but timing)")
+    p.add_argument("--table", type=Path, default=None, help="output JSON (default data/seeds/<preset>.json)")
+    p.add_argument("--work", type=Path, default=None, help="claim records and executed notebooks")
+    p.add_argument("--check", action="store_true", help="exit 1 when a claim fails for some seed")
+    p.add_argument("--gather", type=int, default=None, metavar="THREADS",
+                   help="do not run: gather the records under --work, which ran with THREADS threads each")
+    p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.device is not None:
+        if args.device == "cuda" and not torch_cuda_available():
+            raise ValueError("--device cuda is not valid here: torch sees no CUDA device; use cpu or auto")
+        os.environ["USAE_BENCH_DEVICE"] = args.device
+    from usae.perf.rows import format_table
+    from usae.perf.runner import run
+
+    rows = run(args.entries, quick=args.quick)
+    print(format_table(rows))
+    failed = [r for r in rows if r["passed"] is False]
+    print(f"{len(rows) - len(failed)} of {len(rows)} rows meet their target" if rows else "no rows")
+    return 1 if failed else 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _book(args: argparse.Namespace) -> int:
+    from usae.book import build
+
+    build(args.output, args.preset)
+    return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    from usae.book import chapters, run_seed, seeds
+    from usae.claims import parse_seeds
+    from usae.config import repo_root
+
+    seed_list = parse_seeds(args.seeds)
+    names = None if args.chapters is None else [n.strip() for n in args.chapters.split(",") if n.strip()]
+    if args.no_table:  # one worker of a --jobs N run
+        root = repo_root()
+        work = args.work or root / "data" / "runs" / f"seeds-{args.preset}"
+        for seed in seed_list:
+            run_seed(seed, args.preset, chapters(root, names), work / "claims", work / "executed", root)
+    else:
+        seeds(seed_list, args.preset, args.jobs, names, args.table, args.work, check=args.check,
+              run=args.gather is None, threads=args.gather)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from usae.experiment import Experiment
+
+    if not args.shard_mb > 0:
+        raise ValueError(f"--shard-mb {args.shard_mb} is not valid; expected a size > 0")
+    config = load_config(args.preset, args.config, args.settings)
+    if args.seed is not None and not str(args.seed).isdigit():
+        raise ValueError(f"--seed {args.seed} is not valid; expected an integer >= 0")
+    seed = int(args.seed) if args.seed is not None else (seed_from_env() if os.environ.get(SEED_ENV) else None)
+    exp = Experiment(config, runs=args.runs, progress=not args.quiet, images=args.images,
+                     shard_bytes=max(1, int(args.shard_mb * (1 << 20))), seed=seed)
+    print(exp.store().path if args.command == "extract" else exp.usae_dir())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 done, 1 bad input or failure, 2 usage error)."""
     args = _parser().parse_args(argv)
-    from usae.experiment import Experiment
-
+    command = {"extract": _pipeline, "train": _pipeline, "bench": _bench, "book": _book, "seeds": _seeds}
     try:
-        if not args.shard_mb > 0:
-            raise ValueError(f"--shard-mb {args.shard_mb} is not valid; expected a size > 0")
-        config = load_config(args.preset, args.config, args.settings)
-        if args.seed is not None and not str(args.seed).isdigit():
-            raise ValueError(f"--seed {args.seed} is not valid; expected an integer >= 0")
-        seed = int(args.seed) if args.seed is not None else (seed_from_env() if os.environ.get(SEED_ENV) else None)
-        exp = Experiment(config, runs=args.runs, progress=not args.quiet, images=args.images,
-                         shard_bytes=max(1, int(args.shard_mb * (1 << 20))), seed=seed)
-        folder = exp.store().path if args.command == "extract" else exp.usae_dir()
-    except (ValueError, OSError) as err:
+        return command[args.command](args)
+    except (RuntimeError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(folder)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Frozen, validated configuration dataclasses, the ``smoke``/``book``/``paper`` presets and a stable hash.
+"""Frozen, validated configuration dataclasses, the ``smoke``/``book``/``paper`` presets, a stable hash, and
+where things live (``repo_root``, the artifact cache ``runs_dir``).
 
 Every artifact the book computes is keyed by the hash of the configuration it depends on, so a config is
 plain data: strings, numbers, booleans, ``None`` and tuples of those (or of nested configs).
@@ -9,10 +10,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from usae._checks import is_int, nonneg_int, nonneg_number, positive_int, positive_number
 
 PRESETS = ("smoke", "book", "paper")
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The folder holding ``_config.yml`` and ``usae/``, found by walking up from ``start`` (default: cwd).
+
+    Jupyter Book and nbval run a chapter's kernel in ``book/``, papermill in the invocation folder; both
+    find the same root. Falls back to the folder this package was imported from.
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_config.yml").is_file() and (folder / "usae").is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def runs_dir() -> Path:
+    """The artifact cache: ``$USAE_RUNS`` when set, else ``<repo>/data/runs``."""
+    override = os.environ.get("USAE_RUNS")
+    path = Path(override).expanduser() if override else repo_root() / "data" / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
@@ -20,23 +47,19 @@ def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        _fail(owner, name, value, "expected a positive integer")
+    positive_int(f"{owner}.{name}", value)
 
 
 def _nonneg_int(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        _fail(owner, name, value, "expected an integer >= 0")
+    nonneg_int(f"{owner}.{name}", value)
 
 
 def _positive_float(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        _fail(owner, name, value, "expected a number > 0")
+    positive_number(f"{owner}.{name}", value)
 
 
 def _nonneg_float(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        _fail(owner, name, value, "expected a number >= 0")
+    nonneg_number(f"{owner}.{name}", value)
 
 
 def _choice(owner: str, name: str, value: Any, options: Iterable[Any]) -> None:
@@ -65,6 +88,7 @@ class _Config:
         if not isinstance(data, Mapping):
             raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
         known = {f.name: f for f in fields(cls)}
+        data = {_RENAMED.get((cls.__name__, k), k): v for k, v in data.items()}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
@@ -79,6 +103,10 @@ class _Config:
                 value = tuple(value)
             kwargs[name] = value
         return cls(**kwargs)
+
+
+# fields renamed since files were first written: (class, old name) -> new name, read from old JSON configs
+_RENAMED = {("ExtractConfig", "standardize"): "standardise"}
 
 
 def _plain(obj: Any) -> Any:
@@ -137,7 +165,7 @@ class ZooTrainConfig(_Config):
 
 @dataclass(frozen=True)
 class BackboneSpec(_Config):
-    """One backbone of the experiment: a ``usae.zoo`` name, the block to read and whether to load weights.
+    """One backbone of the experiment: a ``usae.data.zoo`` name, the block to read and whether to load weights.
 
     ``layer=None`` reads the final block output after the final norm (the paper's setting); an int reads the
     output of that block (negative indices count from the end).
@@ -149,14 +177,14 @@ class BackboneSpec(_Config):
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            _fail("BackboneSpec", "name", self.name, "expected a non-empty model name from usae.zoo")
-        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
+            _fail("BackboneSpec", "name", self.name, "expected a non-empty model name from usae.data.zoo")
+        if self.layer is not None and not is_int(self.layer):
             _fail("BackboneSpec", "layer", self.layer, "expected None (final layer) or a block index")
         if not isinstance(self.pretrained, bool):
             _fail("BackboneSpec", "pretrained", self.pretrained, "expected True or False")
 
     @classmethod
-    def coerce(cls, value: "str | BackboneSpec | Mapping[str, Any]") -> "BackboneSpec":
+    def coerce(cls, value: str | BackboneSpec | Mapping[str, Any]) -> BackboneSpec:
         if isinstance(value, BackboneSpec):
             return value
         if isinstance(value, str):
@@ -170,7 +198,7 @@ class BackboneSpec(_Config):
 class ExtractConfig(_Config):
     """Extraction into the activation store.
 
-    ``standardize``: ``"scalar"`` (the paper: one mean and std per model), ``"channel"`` or ``"none"``;
+    ``standardise``: ``"scalar"`` (the paper: one mean and std per model), ``"channel"`` or ``"none"``;
     the statistics come from the first ``n_stats_images`` training images.
     """
 
@@ -178,7 +206,7 @@ class ExtractConfig(_Config):
     n_val_images: int = 500
     grid: int = 8
     dtype: str = "float16"
-    standardize: str = "scalar"
+    standardise: str = "scalar"
     n_stats_images: int = 1000
     batch_size: int = 64
     image_size: int = 64
@@ -188,7 +216,7 @@ class ExtractConfig(_Config):
         for name in ("n_train_images", "n_val_images", "grid", "n_stats_images", "batch_size", "image_size"):
             _positive_int(o, name, getattr(self, name))
         _choice(o, "dtype", self.dtype, ("float16", "float32"))
-        _choice(o, "standardize", self.standardize, ("scalar", "channel", "none"))
+        _choice(o, "standardise", self.standardise, ("scalar", "channel", "none"))
 
 
 @dataclass(frozen=True)
@@ -276,7 +304,7 @@ class ExperimentConfig(_Config):
     """Everything one run of the book depends on.
 
     ``source`` is ``"toy"`` (the embedded world; backbones are the toy zoo, trained on first use) or the
-    path of an image folder (backbones are real ``usae.zoo`` models).
+    path of an image folder (backbones are real ``usae.data.zoo`` models).
     """
 
     name: str = "book"

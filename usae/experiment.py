@@ -15,13 +15,19 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from usae.config import ExperimentConfig, preset, with_seed
-from usae.paths import FileLock, runs_dir
+from usae._checks import positive_int
+from usae._io import FileLock
+from usae.config import ExperimentConfig, preset, runs_dir, with_seed
+from usae.data.sources import folder_sources, toy_source, with_images
+
+if TYPE_CHECKING:
+    from usae.train.history import TrainHistory
 
 
 def _stable_hash(data: Any, length: int = 10) -> str:
@@ -53,7 +59,7 @@ class Experiment:
             self.config = with_images(self.config, images)
         if seed is not None:
             self.config = with_seed(self.config, seed)
-        from usae.zoo import get_entry  # ValueError listing the valid names for an unknown backbone
+        from usae.data.zoo import get_entry  # ValueError listing the valid names for an unknown backbone
 
         if not self.is_toy:
             toys = [n for n in self.config.model_names if get_entry(n).toy]
@@ -69,10 +75,8 @@ class Experiment:
                                  "'toy_convnext' and 'toy_mixer'")
         if all(spec.layer is None for spec in self.config.backbones):  # widths known: check k <= m before any work
             self.config.usae.width({s.name: get_entry(s.name).dim for s in self.config.backbones})
-        self.device  # fail now (before anything is written) when config.device names a missing GPU
-        if not isinstance(shard_bytes, int) or isinstance(shard_bytes, bool) or shard_bytes <= 0:
-            raise ValueError(f"shard_bytes = {shard_bytes!r} is not valid; expected a positive integer")
-        self.shard_bytes = shard_bytes
+        _ = self.device  # fail now (before anything is written) when config.device names a missing GPU
+        self.shard_bytes = positive_int("shard_bytes", shard_bytes)
         self.runs = Path(runs).expanduser() if runs is not None else runs_dir()
         self.runs.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -80,7 +84,8 @@ class Experiment:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"Experiment(name={c.name!r}, source={c.source!r}, models={list(c.model_names)}, runs={str(self.runs)!r})"
+        return (f"Experiment(name={c.name!r}, source={c.source!r}, models={list(c.model_names)}, "
+                f"runs={str(self.runs)!r})")
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +146,7 @@ class Experiment:
             raise ValueError(f"source = {self.config.source!r} is an image folder, not the toy world; read its "
                              "images with Experiment.images(split, ids)")
         if "world" not in self._cache:
-            from usae.toyworld import ToyWorld
+            from usae.data.toyworld import ToyWorld
 
             self._cache["world"] = ToyWorld(self.config.toy)
         return self._cache["world"]
@@ -150,7 +155,7 @@ class Experiment:
         """Folder with the trained toy zoo (weights + ``report.json``); trains it on first use."""
         if not self.is_toy:
             raise ValueError(f"source = {self.config.source!r}: only the toy world has a trained zoo")
-        from usae.toyzoo import train_toy_zoo
+        from usae.data.toyzoo import train_toy_zoo
 
         def build(tmp: Path) -> None:
             train_toy_zoo(self.world, self.config.zoo, tmp, progress=self.progress)
@@ -162,14 +167,14 @@ class Experiment:
         return json.loads((self.zoo_dir() / "report.json").read_text())
 
     def backbones(self) -> dict:
-        """``name -> usae.zoo.Backbone`` in eval mode, in the config's model order."""
+        """``name -> usae.data.zoo.Backbone`` in eval mode, in the config's model order."""
         if "backbones" not in self._cache:
-            from usae.zoo import load_backbone
+            from usae.data.zoo import load_backbone
 
             out = {}
             for spec in self.config.backbones:
                 if self.is_toy:
-                    from usae.toyzoo import load_toy_backbone
+                    from usae.data.toyzoo import load_toy_backbone
 
                     out[spec.name] = load_toy_backbone(spec.name, self.zoo_dir(), layer=spec.layer)
                 else:
@@ -211,8 +216,8 @@ class Experiment:
     def store(self):
         """The ``ActivationStore`` of every backbone over every split (extracted on first use)."""
         if "store" not in self._cache:
-            from usae.extract import extract_store
-            from usae.store import ActivationStore
+            from usae.data.extract import extract_store
+            from usae.data.store import ActivationStore
 
             key = self._acts_key()
             # the unfinished store lives beside the artifact under a stable name: an interrupted extraction
@@ -246,7 +251,7 @@ class Experiment:
 
     def _initial(self, names: tuple[str, ...], train_cfg: Any, init: str | None = None):
         """The untrained SAE of ``names`` exactly as training starts it (seeded by ``train_cfg.seed``)."""
-        from usae.model import UniversalSAE
+        from usae.core.model import UniversalSAE
 
         store, usae_cfg = self.store(), self._usae_config(init)
         torch.manual_seed(train_cfg.seed)
@@ -261,7 +266,7 @@ class Experiment:
         return self._initial(self.config.model_names, self.config.train.replace(**train_changes), init).eval()
 
     def _trained(self, stage: str, names: tuple[str, ...], changes: dict[str, Any], init: str | None = None) -> Path:
-        from usae.train import Trainer
+        from usae.train.trainer import Trainer
 
         train_cfg, key = self._train_key(names, changes, init)
 
@@ -276,9 +281,9 @@ class Experiment:
             trainer = Trainer(model, train_cfg, progress=self.progress,
                               checkpoint_dir=checkpoints if train_cfg.checkpoint_every else None)
             history = trainer.fit(store)
-            history["seconds"] = time.perf_counter() - started
+            history.seconds = time.perf_counter() - started
             model.save(tmp / "model.safetensors")
-            (tmp / "history.json").write_text(json.dumps(history))
+            (tmp / "history.json").write_text(json.dumps(history.to_dict()))
 
         folder = self.artifact(stage, key, build)
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -288,20 +293,20 @@ class Experiment:
         """The ``UniversalSAE`` trained on the store's train split (eval mode); ``train_changes`` replace
         fields of the config's ``TrainConfig`` (e.g. ``update="joint"``) and ``init`` the decoder
         initialisation (e.g. the authors' ``"official"``), each variant cached separately."""
-        from usae.model import UniversalSAE
+        from usae.core.model import UniversalSAE
 
         folder = self._trained("usae", self.config.model_names, train_changes, init)
         return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
 
     def adopt_usae(self, folder: str | Path, **train_changes: Any) -> Path:
         """Install a USAE trained elsewhere as the artifact that ``usae(**train_changes)`` returns, so that the
-        chapters use it instead of training one (e.g. a multi-GPU ``usae.distributed`` run over this
+        chapters use it instead of training one (e.g. a multi-GPU ``usae.train.distributed`` run over this
         experiment's store). ``folder`` holds ``model.safetensors`` and ``history.json`` (what
-        ``usae.distributed`` writes to ``--out``). Checked against this experiment: model names in order,
+        ``usae.train.distributed`` writes to ``--out``). Checked against this experiment: model names in order,
         widths, m, k, encoder, the store's standardisation (relative tolerance 1e-3) and the number of steps
         in the history; the rest of the recipe cannot be read from the files and is trusted. Returns the
         artifact folder; ValueError if that artifact exists already."""
-        from usae.model import UniversalSAE
+        from usae.core.model import UniversalSAE
 
         src = Path(folder)
         files = {name: src / name for name in ("model.safetensors", "history.json")}
@@ -348,11 +353,13 @@ class Experiment:
         on first use; with ``train.checkpoint_every`` > 0 an interrupted training resumes from its last checkpoint."""
         return self._trained("usae", self.config.model_names, train_changes)
 
-    def usae_history(self, *, init: str | None = None, **train_changes: Any) -> dict[str, Any]:
+    def usae_history(self, *, init: str | None = None, **train_changes: Any) -> TrainHistory:
         """The training history of ``usae(init=..., **train_changes)``: per-step losses, logged R² matrices,
-        dead latents."""
+        dead latents, training time."""
+        from usae.train.history import TrainHistory
+
         folder = self._trained("usae", self.config.model_names, train_changes, init)
-        return json.loads((folder / "history.json").read_text())
+        return TrainHistory.from_dict(json.loads((folder / "history.json").read_text()))
 
     def independent_sae(self, name: str, *, seed: int | None = None, **train_changes: Any):
         """A single-model SAE of backbone ``name``: the same class (M = 1), width, k and recipe as the USAE.
@@ -361,7 +368,7 @@ class Experiment:
         USAE's initial atoms for that model, and comparing the two dictionaries (chapter 7) would be trivial.
         Its budget defaults to the USAE's steps / M (with its warmup scaled alike): the paper's rule updates one
         model per step, so that is as many updates as each model's encoder and decoder get inside the USAE."""
-        from usae.model import UniversalSAE
+        from usae.core.model import UniversalSAE
 
         train_changes["seed"] = self.config.train.seed + 1 if seed is None else seed
         n_models = len(self.config.model_names)
@@ -372,53 +379,3 @@ class Experiment:
                              f"{list(self.config.model_names)}")
         folder = self._trained("sae", (name,), train_changes)
         return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
-
-
-TRUTH_FACTORS = ("shape", "color", "texture", "bg_color", "object")
-
-
-def with_images(config: ExperimentConfig, images: str | Path) -> ExperimentConfig:
-    """``config`` reading its images from the folder ``images`` (absolute path, so the artifact hash does not
-    depend on the working directory); ValueError for toy-world configs or a missing folder."""
-    if config.source == "toy":
-        raise ValueError(f"images = {str(images)!r} is not valid for config {config.name!r}: it runs on the toy "
-                         "world (source='toy', toy backbones); give images with the 'paper' preset or a config "
-                         "whose backbones are real usae.zoo models")
-    path = Path(images).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"images = {str(images)!r} is not a folder; expected an image folder such as the "
-                         "ImageNet root holding train/<class>/*.JPEG and val/<class>/*.JPEG")
-    return config.replace(source=str(path.resolve()))
-
-
-def toy_source(world, split: str, n_images: int):
-    """An ``ImageSource`` over the first ``n_images`` of a toy-world split, yielding per-patch truth labels."""
-    from usae.extract import ImageSource
-
-    def load(start: int, count: int):
-        batch = world.batch(split, start, count)
-        return batch.images, {f: batch.patch_labels[f] for f in TRUTH_FACTORS}
-
-    return ImageSource(n_images, load)
-
-
-def folder_sources(root: Path, image_size: int, n_val: int) -> dict:
-    """``train``/``val`` sources of an image folder. With ``train/`` and ``val/`` subfolders (ImageNet's
-    layout) those are used, the training images in a seeded random order so that the first images (used
-    for standardisation statistics) are a random sample; otherwise the folder's images are shuffled
-    (seeded) and the first ``n_val`` become ``val``."""
-    from usae.extract import ImageFolder, ImageSource, as_source
-
-    if not root.is_dir():
-        raise ValueError(f"source = {str(root)!r} is not a folder of images; give 'toy' or an existing folder (for "
-                         "the paper preset: Experiment('paper', images=FOLDER), papermill -p images FOLDER, or "
-                         "$USAE_IMAGES in the chapters)")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return {"train": as_source(ImageFolder(root / "train", image_size=image_size, shuffle=True, seed=0)),
-                "val": as_source(ImageFolder(root / "val", image_size=image_size))}
-    folder = ImageFolder(root, image_size=image_size, shuffle=True, seed=0)
-    if len(folder) < 2:
-        raise ValueError(f"{root} holds {len(folder)} image(s); need at least 2 to split into train and val")
-    n_val = min(n_val, len(folder) // 2)
-    return {"val": ImageSource(n_val, lambda s, c: folder.load(range(s, s + c))),
-            "train": ImageSource(len(folder) - n_val, lambda s, c: folder.load(range(n_val + s, n_val + s + c)))}

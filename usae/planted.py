@@ -12,17 +12,18 @@ Hungarian matching of planted atoms to latents per model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from usae.model import UniversalSAE
+from usae.core.model import UniversalSAE
 
-__all__ = ["PlantedProblem", "planted_problem", "DictionaryRecovery", "dictionary_recovery", "PlantedRun", "train_planted"]
+__all__ = ["PlantedProblem", "planted_problem", "DictionaryRecovery", "dictionary_recovery", "PlantedRun",
+           "train_planted"]
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ def train_planted(problem: PlantedProblem, init: str = "tied", *, n_latents: int
     """Train ``UniversalSAE(dims, n_latents, k, init=init)`` (default encoder and loss; ``update`` the trainer's
     rule) on ``problem.train`` and score it against the truth and on ``problem.val``."""
     from usae.config import TrainConfig
-    from usae.reconstruction import r2_matrix
-    from usae.train import Trainer
+    from usae.stats.reconstruction import r2_matrix
+    from usae.train.trainer import Trainer
 
     dims = {n: x.shape[1] for n, x in problem.train.items()}
     threads = torch.get_num_threads()

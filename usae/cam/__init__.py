@@ -9,14 +9,21 @@
 - the render loop (``usae.cam.render``): seeded, with a progress bar, returning the image and MACO's
   transparency map; the coordinated (one image per model) and consensus (one image for all) modes.
 
-``usae.cam.study`` measures CAM images against dataset exemplars; ``usae.cam.figures`` draws them.
+``usae.cam.study`` measures CAM images against dataset exemplars; ``usae.viz.cam`` draws them.
 """
 
-from usae.cam.objectives import (Objective, concept, concept_activation, concept_head, l2, reduce_tokens,
-                                 total_variation)
+from usae.cam.objectives import Objective, concept, concept_activation, concept_head, l2, reduce_tokens, total_variation
 from usae.cam.params import FourierImage, ImageParam, MacoImage, PixelImage, make_param
-from usae.cam.render import (CamContext, CamResult, CamSettings, cam_settings, consensus, coordinated,
-                             pixel_range, render)
+from usae.cam.render import (
+                                 CamContext,
+                                 CamResult,
+                                 CamSettings,
+                                 cam_settings,
+                                 consensus,
+                                 coordinated,
+                                 pixel_range,
+                                 render,
+)
 from usae.cam.spectrum import Spectrum, compute_spectrum, folder_spectrum, load_spectrum, toy_spectrum
 from usae.cam.transforms import Crops, Jitter, Noise, Rotate, Scale, Views, views_from
 

@@ -18,10 +18,13 @@ token instead of ``d * m``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from usae._checks import nonneg_int
 
 __all__ = ["Objective", "concept", "total_variation", "l2", "concept_head", "concept_activation",
            "reduce_tokens", "REDUCTIONS"]
@@ -66,7 +69,7 @@ def concept_head(sae: Any, name: str, ks: int | Sequence[int], standardised: boo
             if stats is None:
                 raise ValueError(f"no standardisation set for {name!r}; call set_standardisation first (raw "
                                  "backbone tokens must be standardised like the training rows)")
-            from usae.model import STANDARDISATION_EPS
+            from usae.core.model import STANDARDISATION_EPS
 
             mean, std = stats[0].double(), stats[1].double() + STANDARDISATION_EPS
             weight = weight / (std[:, None] if std.dim() else std)
@@ -123,7 +126,7 @@ class Objective:
     def _wrapped(self) -> str:
         return f"({self.description})" if self._compound else self.description
 
-    def __add__(self, other: "Objective | float") -> "Objective":
+    def __add__(self, other: Objective | float) -> Objective:
         if isinstance(other, (int, float)):
             if other == 0:
                 return self
@@ -136,16 +139,16 @@ class Objective:
 
     __radd__ = __add__  # sum([...]) starts from 0
 
-    def __neg__(self) -> "Objective":
+    def __neg__(self) -> Objective:
         return -1.0 * self
 
-    def __sub__(self, other: "Objective | float") -> "Objective":
+    def __sub__(self, other: Objective | float) -> Objective:
         if isinstance(other, Objective):
             return Objective(lambda ctx: self(ctx) - other(ctx), f"{self.description} − {other._wrapped()}",
                              self.models | other.models, self.concepts + other.concepts, True)
         return self + (-other)
 
-    def __mul__(self, weight: float) -> "Objective":
+    def __mul__(self, weight: float) -> Objective:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             return NotImplemented
         return Objective(lambda ctx: weight * self(ctx), f"{weight:g} × {self._wrapped()}", self.models,
@@ -153,7 +156,7 @@ class Objective:
 
     __rmul__ = __mul__
 
-    def __truediv__(self, weight: float) -> "Objective":
+    def __truediv__(self, weight: float) -> Objective:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight == 0:
             return NotImplemented
         return self * (1.0 / weight)
@@ -161,8 +164,7 @@ class Objective:
 
 def concept(name: str, k: int, reduce: str = "mean") -> Objective:
     """Pre-TopK activation of concept ``k`` through model ``name``, reduced over tokens, averaged over views."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"concept index k = {k!r} is not valid; expected a non-negative integer")
+    nonneg_int("concept index k", k)
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce = {reduce!r} is not valid; expected one of {list(REDUCTIONS)}")
 

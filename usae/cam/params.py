@@ -18,11 +18,12 @@ Each class names the optimiser and learning rate it is meant to be used with (``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from usae._checks import int_at_least, positive_int
 from usae.cam.spectrum import Spectrum, hermitian_columns, load_spectrum
 
 __all__ = ["ImageParam", "PixelImage", "FourierImage", "MacoImage", "PARAMETERISATIONS", "make_param",
@@ -33,9 +34,7 @@ MIN_SIZE = 8
 
 def check_size(size: object, name: str = "size") -> int:
     """An image side: an int >= 8; ValueError otherwise."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIZE:
-        raise ValueError(f"{name} = {size!r} is not valid; expected an integer image side >= {MIN_SIZE}")
-    return size
+    return int_at_least(name, size, MIN_SIZE)
 
 
 def check_value_range(value_range: Sequence) -> Tensor:
@@ -84,9 +83,7 @@ class ImageParam(nn.Module):
     def __init__(self, size: int, batch: int = 1) -> None:
         super().__init__()
         self.size = check_size(size)
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch = {batch!r} is not valid; expected a positive integer")
-        self.batch = batch
+        self.batch = positive_int("batch", batch)
 
     def describe(self) -> str:
         return f"{self.kind} {self.size}x{self.size}"

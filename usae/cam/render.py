@@ -26,13 +26,15 @@ best dataset images). The paper-scale crops (a 224 px view of a 1280 px canvas) 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from usae._checks import positive_int
 from usae.cam.objectives import REDUCTIONS, Objective, concept, concept_head, l2, total_variation
 from usae.cam.params import PARAMETERISATIONS, ImageParam, check_size, check_value_range, make_param
 from usae.cam.spectrum import Spectrum
@@ -83,8 +85,7 @@ class CamSettings:
         if self.param not in PARAMETERISATIONS:
             raise ValueError(f"param = {self.param!r} is not valid; expected one of {list(PARAMETERISATIONS)}")
         check_size(self.size)
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps = {self.steps!r} is not valid; expected a positive integer")
+        positive_int("steps", self.steps)
         if self.optimiser is not None and self.optimiser not in OPTIMISERS:
             raise ValueError(f"optimiser = {self.optimiser!r} is not valid; expected None or one of "
                              f"{list(OPTIMISERS)}")
@@ -95,14 +96,12 @@ class CamSettings:
         check_value_range(self.value_range)
         if self.reduce not in REDUCTIONS:
             raise ValueError(f"reduce = {self.reduce!r} is not valid; expected one of {list(REDUCTIONS)}")
-        if self.grid is not None and (not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1):
-            raise ValueError(f"grid = {self.grid!r} is not valid; expected None or a positive integer")
-        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
-                                         or self.threads < 1):
-            raise ValueError(f"threads = {self.threads!r} is not valid; expected None or a positive integer")
+        for label, value in (("grid", self.grid), ("threads", self.threads)):
+            if value is not None:
+                positive_int(label, value)
         self.views()  # validates the transform settings
 
-    def replace(self, **changes: Any) -> "CamSettings":
+    def replace(self, **changes: Any) -> CamSettings:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +172,7 @@ class CamContext:
             views = self._views.apply(self.images, self._theta, backbone.entry.image_size, self._gen)
             tokens = backbone(views)
             if self._grid is not None:
-                from usae.extract import resample_grid
+                from usae.data.extract import resample_grid
 
                 tokens = resample_grid(tokens, self._grid)
             self._tokens[name] = tokens

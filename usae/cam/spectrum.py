@@ -16,9 +16,10 @@ from the toy world (the committed ``data/spectrum_toy.npz``) or from any image f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae.paths import atomic_write, repo_root
+from usae._checks import int_at_least, positive_int
+from usae._io import atomic_write
+from usae.config import repo_root
 
 __all__ = ["Spectrum", "compute_spectrum", "toy_spectrum", "folder_spectrum", "default_spectrum_path",
            "load_spectrum", "hermitian_columns"]
@@ -69,8 +72,7 @@ class Spectrum:
         Frequencies are matched as fractions of the image side (rows are fft-shifted so that bilinear
         interpolation runs over contiguous frequencies), then the self-conjugate columns are symmetrised.
         """
-        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
-            raise ValueError(f"size = {size!r} is not valid; expected an integer image side >= 2")
+        int_at_least("size", size, 2)
         mag = self.magnitude.float()
         if size != self.size:
             shifted = torch.fft.fftshift(mag, dim=-2)[None]
@@ -88,7 +90,7 @@ class Spectrum:
             colour_sqrt=self.colour_sqrt.numpy().astype(np.float32), meta=np.array(json.dumps(self.meta))))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Spectrum":
+    def load(cls, path: str | Path) -> Spectrum:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"spectrum file {str(path)!r} does not exist; compute one with toy_spectrum() or "
@@ -130,8 +132,7 @@ def compute_spectrum(load: Callable[[int, int], Tensor], n_images: int, batch_si
     Two passes: colour statistics on the first batch (at most ``batch_size`` images), then the mean
     magnitude spectrum of the decorrelated images over all ``n_images``.
     """
-    if not isinstance(n_images, int) or n_images < 1:
-        raise ValueError(f"n_images = {n_images!r} is not valid; expected a positive integer")
+    positive_int("n_images", n_images)
     first = _check_images(load(0, min(batch_size, n_images)))
     mean, sqrt = _colour_sqrt(first)
     inverse = torch.linalg.inv(sqrt)
@@ -159,7 +160,7 @@ def toy_spectrum(world: Any = None, n_images: int = 1024, split: str = "train", 
     """The spectrum of the toy world's ``split`` (default world: ``ToyWorldConfig()``)."""
     if world is None:
         from usae.config import ToyWorldConfig
-        from usae.toyworld import ToyWorld
+        from usae.data.toyworld import ToyWorld
 
         world = ToyWorld(ToyWorldConfig())
     return compute_spectrum(lambda s, c: world.batch(split, s, c).images, n_images, progress=progress,
@@ -168,7 +169,7 @@ def toy_spectrum(world: Any = None, n_images: int = 1024, split: str = "train", 
 
 def folder_spectrum(folder: str | Path, size: int = 224, n_images: int = 1024, progress: bool = True) -> Spectrum:
     """The spectrum of (at most ``n_images`` of) an image folder's images, resized to ``size`` x ``size``."""
-    from usae.extract import ImageFolder
+    from usae.data.sources import ImageFolder
 
     images = ImageFolder(folder, image_size=size, shuffle=True, seed=0)
     n = min(n_images, len(images))

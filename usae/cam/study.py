@@ -10,8 +10,9 @@ code (post-TopK, what the USAE says the image contains).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ def image_scores(backbone: Any, sae: Any, name: str, images: Tensor, reduce: str
         device = next(iter(backbone.parameters()), images).device  # run where the backbone lives (e.g. CUDA)
         tokens = backbone(images.float().to(device))
         if grid is not None:
-            from usae.extract import resample_grid
+            from usae.data.extract import resample_grid
 
             tokens = resample_grid(tokens, grid)
         n, d = tokens.shape[0], tokens.shape[-1]
@@ -184,13 +185,13 @@ class Chosen(NamedTuple):
 def choose_concepts(stats: Any, n_universal: int = 3, n_unique: int = 1) -> list[Chosen]:
     """Concepts to study.
 
-    Universal: the ``n_universal`` most energetic concepts of ``usae.concept_selection.universal_concepts`` (entropy
+    Universal: the ``n_universal`` most energetic concepts of ``usae.stats.concepts.universal_concepts`` (entropy
     >= 0.9 and co-fire proportion >= 0.5 in every model). If fewer pass, the concepts with the highest
     *minimum* co-fire proportion over models fill the list (labelled with that value). Model-unique: per
     model, its ``n_unique`` most energetic ``unique_concepts`` (entropy <= 0.2). If a model has none, its
     lowest-entropy concepts (those it fires most of) stand in, labelled with their entropy.
     """
-    from usae.concept_selection import universal_concepts
+    from usae.stats.concepts import universal_concepts
 
     chosen: dict[int, Chosen] = {}
     for k in universal_concepts(stats).tolist()[:n_universal]:

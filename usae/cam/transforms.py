@@ -5,7 +5,7 @@ resolution. The geometric transforms (:class:`Crops`, :class:`Jitter`, :class:`S
 affine maps: their matrices are sampled once per step (shared by every model, so consensus mode shows all
 models the same views), multiplied together, and applied with a *single* ``grid_sample`` per model.
 MACO's crops are then followed by pixel noise (:class:`Noise`). Each model's own normalisation is not
-done here: ``usae.zoo.Backbone`` takes images in [0, 1] and normalises them itself.
+done here: ``usae.data.zoo.Backbone`` takes images in [0, 1] and normalises them itself.
 
 Coordinates are ``F.affine_grid``'s: ``[-1, 1]`` across the image. A matrix maps output (view)
 coordinates to input (image) coordinates.
@@ -14,12 +14,14 @@ coordinates to input (image) coordinates.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from usae._checks import positive_int
 
 __all__ = ["Crops", "Jitter", "Scale", "Rotate", "Noise", "Views", "views_from"]
 
@@ -127,8 +129,7 @@ class Views:
     padding: str = "reflection"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            raise ValueError(f"Views.n = {self.n!r} is not valid; expected a positive number of views")
+        positive_int("Views.n", self.n)
         if self.padding not in ("zeros", "border", "reflection"):
             raise ValueError(f"Views.padding = {self.padding!r} is not valid; expected zeros, border or reflection")
         object.__setattr__(self, "geometric", tuple(self.geometric))

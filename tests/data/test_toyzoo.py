@@ -1,0 +1,129 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from usae.config import ToyWorldConfig, ZooTrainConfig
+from usae.data import toyzoo
+from usae.data.toyworld import ToyWorld
+
+# toy_mixer is the cheapest model; its texture head learns fastest, so a few dozen steps beat chance
+TINY = ZooTrainConfig(models=("toy_mixer",), n_train_images=384, n_val_images=160, steps=40, batch_size=32,
+                      lr=3e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def world() -> ToyWorld:
+    return ToyWorld(ToyWorldConfig())
+
+
+@pytest.fixture(scope="module")
+def trained(world: ToyWorld, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("zoo") / "fresh"
+    report = toyzoo.train_toy_zoo(world, TINY, out, progress=False)
+    return out, report
+
+
+def test_tasks_share_the_colour_head():
+    assert set(toyzoo.TASKS) == {"toy_vit", "toy_convnext", "toy_mixer"}
+    for tasks in toyzoo.TASKS.values():
+        assert tasks[0] == toyzoo.COLORS_PRESENT and len(tasks) == 2
+    assert len({tasks[1].name for tasks in toyzoo.TASKS.values()}) == 3
+
+
+def test_average_precision_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 4, generator=gen)
+    targets = (torch.rand(50, 4, generator=gen) < 0.3).float()
+    targets[:, 3] = 0
+    got = toyzoo.average_precision(scores, targets)
+    for c in range(3):
+        ranked = sorted(range(50), key=lambda i: -scores[i, c].item())
+        hits, total = 0, 0.0
+        for rank, i in enumerate(ranked, start=1):
+            if targets[i, c] > 0:
+                hits += 1
+                total += hits / rank
+        assert got[c].item() == pytest.approx(total / targets[:, c].sum().item(), abs=1e-9)
+    assert torch.isnan(got[3])
+
+
+def test_tiny_training_beats_chance(trained):
+    _, report = trained
+    r = report["toy_mixer"]
+    assert r["metric"] == {"colors_present": "mAP", "texture": "accuracy"}
+    assert r["texture"] > r["chance"]["texture"] + 0.2
+    assert r["colors_present"] > r["chance"]["colors_present"] + 0.1
+    assert r["params"] > 100_000 and r["seconds"] > 0 and r["final_loss"] > 0
+
+
+def test_files_written_and_no_temporaries_left(trained):
+    out, report = trained
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "toy_mixer.heads.safetensors",
+                                                    "toy_mixer.safetensors"]
+    assert json.loads((out / "report.json").read_text()) == report
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fresh"]
+
+
+def test_saved_weights_reload_to_identical_outputs(world: ToyWorld, trained):
+    out, report = trained
+    val = world.batch("val", 0, TINY.n_val_images)
+    backbone = toyzoo.load_toy_backbone("toy_mixer", out)
+    heads = toyzoo.load_toy_heads("toy_mixer", out)
+    scores = toyzoo.evaluate(backbone, heads, val.images, val.image_labels)
+    for task, s in scores.items():
+        assert s["value"] == report["toy_mixer"][task]
+    with torch.no_grad():
+        a = backbone(val.images[:4])
+        b = toyzoo.load_toy_backbone("toy_mixer", out)(val.images[:4])
+    assert a.shape == (4, 8, 8, backbone.dim) and torch.equal(a, b)
+    assert toyzoo.load_toy_backbone("toy_mixer", out, layer=2)(val.images[:2]).shape[:3] == (2, 8, 8)
+
+
+def test_training_is_seeded(world: ToyWorld):
+    cfg = TINY.replace(n_train_images=64, steps=3, batch_size=16)
+    batch = world.batch("zoo", 0, 64)
+    runs = [toyzoo.train_one("toy_mixer", batch.images, batch.image_labels, cfg, progress=False) for _ in range(2)]
+    sa, sb = runs[0][0].model.state_dict(), runs[1][0].model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    other = toyzoo.train_one("toy_mixer", batch.images, batch.image_labels, cfg.replace(seed=1), progress=False)
+    assert not torch.equal(other[0].model.state_dict()["stem.proj.weight"], sa["stem.proj.weight"])
+
+
+def test_every_model_trains_into_an_existing_folder(world: ToyWorld, tmp_path: Path):
+    cfg = ZooTrainConfig(n_train_images=32, n_val_images=32, steps=2, batch_size=8)
+    report = toyzoo.train_toy_zoo(world, cfg, tmp_path, progress=False)
+    assert set(report) == set(cfg.models)
+    for name, tasks in toyzoo.TASKS.items():
+        assert set(report[name]["chance"]) == {t.name for t in tasks}
+        assert (tmp_path / f"{name}.safetensors").is_file()
+        assert toyzoo.load_toy_heads(name, tmp_path).heads[tasks[1].name].out_features == tasks[1].n_outputs
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_input_raises(world: ToyWorld, tmp_path: Path):
+    with pytest.raises(ValueError, match="toy_resnet"):
+        toyzoo.train_toy_zoo(world, ZooTrainConfig(models=("toy_resnet",)), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="ToyWorld"):
+        toyzoo.train_toy_zoo("world", TINY, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="train the zoo first"):
+        toyzoo.load_toy_backbone("toy_vit", tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
+def test_models_trained_in_worker_processes_equal_one_thread_training(world, tmp_path, one_thread):
+    """Two one-thread workers give the same weights as training the models in turn on one thread."""
+    from safetensors.torch import load_file
+
+    cfg = TINY.replace(models=("toy_mixer", "toy_vit"), steps=6, n_train_images=96, n_val_images=64)
+    parallel = toyzoo.train_toy_zoo(world, cfg, tmp_path / "par", progress=False, workers=2)
+    serial = toyzoo.train_toy_zoo(world, cfg, tmp_path / "ser", progress=False, workers=1)
+    assert list(parallel) == list(cfg.models)
+    for name in cfg.models:
+        a, b = load_file(tmp_path / "par" / f"{name}.safetensors"), load_file(tmp_path / "ser" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert parallel[name]["final_loss"] == serial[name]["final_loss"]
+    assert not list((tmp_path / "par").glob("*.report.json"))
+    with pytest.raises(ValueError, match="workers = 0 is not valid"):
+        toyzoo.train_toy_zoo(world, cfg, tmp_path / "bad", progress=False, workers=0)

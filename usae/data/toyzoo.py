@@ -1,0 +1,357 @@
+"""The toy model zoo: each toy backbone of ``usae.data.zoo`` trained on its own task(s) over the toy world.
+
+Every model shares one head, "which object colours are present" (multi-label), and has one head of its own
+(:data:`TASKS`). Heads are linear maps of the mean and the max over the *backbone's output tokens* (the
+ones ``usae.data.extract`` later reads), so those token features are exactly the ones the tasks shaped; the max
+lets a small object's few tokens speak for it (mean pooling alone learned "which shapes are present" far
+more slowly). DESIGN.md §5 explains the task choice: a factor comes out universal only when every model's
+task needs it.
+
+Training uses split ``"zoo"``; metrics (with their chance levels) are measured on split ``"val"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from usae.data import zoo
+from usae.config import BackboneSpec, ToyWorldConfig, ZooTrainConfig
+from usae._io import atomic_write
+from usae.data.toyworld import FACTORS, TRAIN_TEXTURES, ToyWorld
+from usae._checks import positive_int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One head: ``label`` names a ``ToyBatch.image_labels`` entry; ``kind`` is ``"multilabel"`` (BCE,
+    scored by macro average precision) or ``"class"`` (cross-entropy, scored by accuracy)."""
+
+    name: str
+    label: str
+    kind: str
+    n_outputs: int
+
+
+COLORS_PRESENT = Task("colors_present", "color_present", "multilabel", len(FACTORS["color"]))
+TASKS: dict[str, tuple[Task, ...]] = {
+    "toy_vit": (COLORS_PRESENT, Task("shapes_present", "shape_present", "multilabel", len(FACTORS["shape"]))),
+    "toy_convnext": (COLORS_PRESENT, Task("largest_shape", "largest_shape", "class", len(FACTORS["shape"]))),
+    "toy_mixer": (COLORS_PRESENT, Task("texture", "texture", "class", len(TRAIN_TEXTURES))),
+}
+_WARMUP_FRACTION = 0.05
+_WEIGHT_DECAY = 0.05
+_EVAL_BATCH = 250
+
+
+POOLS = ("mean", "max", "meanmax")
+
+
+class TaskHeads(nn.Module):
+    """Linear heads over pooled tokens: ``forward(tokens [B, h, w, D]) -> {task: logits [B, n_outputs]}``.
+
+    ``pool``: ``"mean"`` or ``"max"`` over tokens ([B, D]), or both concatenated (``"meanmax"``, [B, 2D]).
+    """
+
+    def __init__(self, dim: int, tasks: tuple[Task, ...], pool: str = "meanmax") -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool = {pool!r} is not valid; expected one of {list(POOLS)}")
+        self.tasks, self.pool = tasks, pool
+        width = 2 * dim if pool == "meanmax" else dim
+        self.heads = nn.ModuleDict({t.name: nn.Linear(width, t.n_outputs) for t in tasks})
+
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """tokens [B, h, w, D] -> [B, D] or [B, 2D]."""
+        flat = tokens.flatten(1, 2)
+        if self.pool == "mean":
+            return flat.mean(1)
+        if self.pool == "max":
+            return flat.amax(1)
+        return torch.cat([flat.mean(1), flat.amax(1)], dim=1)
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        pooled = self.pooled(tokens)
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+
+def _tasks_of(name: str) -> tuple[Task, ...]:
+    if name not in TASKS:
+        raise ValueError(f"toy model = {name!r} is not valid; expected one of {list(TASKS)}")
+    return TASKS[name]
+
+
+def _timm_model(backbone: nn.Module) -> nn.Module:
+    """The timm model inside a ``zoo.Backbone`` (its state_dict is what ``zoo.load_backbone`` reads)."""
+    return backbone.model
+
+
+def _loss(logits: dict[str, Tensor], labels: dict[str, Tensor], tasks: tuple[Task, ...]) -> Tensor:
+    total = logits[tasks[0].name].new_zeros(())
+    for t in tasks:
+        y = labels[t.label]
+        if t.kind == "multilabel":
+            total = total + F.binary_cross_entropy_with_logits(logits[t.name], y)
+        else:
+            total = total + F.cross_entropy(logits[t.name], y)
+    return total
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Per-column average precision: scores, targets [N, C] -> [C] (NaN for a column with no positive)."""
+    order = scores.argsort(dim=0, descending=True)
+    hits = targets.gather(0, order).double()
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)[:, None]
+    n_pos = hits.sum(0)
+    return ((precision * hits).sum(0) / n_pos).where(n_pos > 0, torch.tensor(float("nan"), dtype=torch.float64))
+
+
+def _score(task: Task, logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Held-out metric of one head and its chance level (what a constant predictor gets)."""
+    if task.kind == "multilabel":
+        ap = average_precision(logits, labels)
+        pred = logits > 0
+        tp = (pred & (labels > 0.5)).sum().item()
+        f1 = 2 * tp / max(pred.sum().item() + (labels > 0.5).sum().item(), 1)
+        prevalence = labels.mean(0).double()
+        return {"value": float(np.nanmean(ap.numpy())), "metric": "mAP",
+                "chance": float(prevalence.mean().item()), "f1": f1}
+    counts = torch.bincount(labels, minlength=task.n_outputs)
+    return {"value": float((logits.argmax(1) == labels).float().mean().item()), "metric": "accuracy",
+            "chance": float(counts.max().item() / len(labels))}
+
+
+@torch.no_grad()
+def evaluate(backbone: nn.Module, heads: TaskHeads, images: Tensor, labels: dict[str, Tensor]) -> dict:
+    """Held-out scores of every head: ``{task: {"value", "metric", "chance", ...}}``."""
+    backbone.eval()
+    heads.eval()
+    device = next(heads.parameters()).device
+    parts: dict[str, list[Tensor]] = {t.name: [] for t in heads.tasks}
+    for lo in range(0, len(images), _EVAL_BATCH):
+        out = heads(backbone(images[lo: lo + _EVAL_BATCH].to(device)))
+        for k, v in out.items():
+            parts[k].append(v.float().cpu())
+    return {t.name: _score(t, torch.cat(parts[t.name]), labels[t.label]) for t in heads.tasks}
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warmup over the first 5 % of steps, then cosine decay to zero."""
+    warmup = max(1, int(_WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrainConfig,
+              progress: bool = True, device: str | torch.device = "cpu",
+              pool: str = "meanmax") -> tuple[nn.Module, TaskHeads, float]:
+    """Train toy backbone ``name`` and its heads on images [N, 3, H, W] with ``labels`` (image labels).
+
+    Returns (backbone in eval mode, heads, final training loss averaged over the last 10 % of steps), on
+    ``device``.
+    """
+    tasks = _tasks_of(name)
+    seed = cfg.seed * 1000 + list(TASKS).index(name)
+    torch.manual_seed(seed)                                      # parameter init is seeded
+    backbone = zoo.load_backbone(BackboneSpec(name, pretrained=False))
+    backbone.model.requires_grad_(True)       # zoo.Backbone freezes its model; the toy models have no
+    # dropout or batch norm, so the eval mode it keeps them in trains the same as train mode would
+    heads = TaskHeads(backbone.dim, tasks, pool)
+    backbone.to(device)
+    heads.to(device)
+    images = images.to(device)
+    labels = {k: v.to(device) for k, v in labels.items()}
+    params = list(backbone.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=_WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps))
+    gen = torch.Generator().manual_seed(seed)
+    backbone.train()
+    heads.train()
+    order, cursor, recent = torch.randperm(len(images), generator=gen), 0, []
+    bar = tqdm(range(cfg.steps), desc=f"train {name}", disable=not progress, leave=False)
+    for step in bar:
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(images), generator=gen), 0
+        idx = order[cursor: cursor + cfg.batch_size].to(device)
+        cursor += cfg.batch_size
+        loss = _loss(heads(backbone(images[idx])), {k: v[idx] for k, v in labels.items()}, tasks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        recent = (recent + [loss.item()])[-max(1, cfg.steps // 10):]
+        if step % 10 == 0 or step == cfg.steps - 1:
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    backbone.eval()
+    heads.eval()
+    return backbone, heads, float(sum(recent) / len(recent))
+
+
+def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def _train_and_save(name: str, world_cfg: Any, cfg: ZooTrainConfig, work: Path, progress: bool,
+                    device: str | torch.device, threads: int | None) -> dict:
+    """Train one toy model (``threads`` torch threads when given), write its weights and heads into ``work``,
+    and return its report entry. Runs in a worker process when the zoo trains models side by side."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    world = ToyWorld(world_cfg)
+    train = world.batch("zoo", 0, cfg.n_train_images)
+    val = world.batch("val", 0, cfg.n_val_images)
+    started = time.perf_counter()
+    backbone, heads, final_loss = train_one(name, train.images, train.image_labels, cfg, progress, device)
+    seconds = time.perf_counter() - started
+    scores = evaluate(backbone, heads, val.images, val.image_labels)
+    model = _timm_model(backbone)
+    atomic_write(work / f"{name}.safetensors", lambda p: save_file(_contiguous(model.state_dict()), str(p)))
+    atomic_write(work / f"{name}.heads.safetensors",
+                 lambda p: save_file(_contiguous(heads.state_dict()), str(p), {"pool": heads.pool}))
+    entry: dict = {t: s["value"] for t, s in scores.items()}
+    entry["metric"] = {t: s["metric"] for t, s in scores.items()}
+    entry["chance"] = {t: s["chance"] for t, s in scores.items()}
+    entry["f1"] = {t: s["f1"] for t, s in scores.items() if "f1" in s}
+    entry["params"] = int(sum(p.numel() for p in model.parameters()))
+    entry["seconds"] = round(seconds, 2)
+    entry["final_loss"] = final_loss
+    return entry
+
+
+def _worker_main(spec_json: str) -> None:
+    """Entry of a zoo worker process (``python -c``): train one model and write ``<work>/<name>.report.json``."""
+    spec = json.loads(spec_json)
+    entry = _train_and_save(spec["name"], ToyWorldConfig.from_dict(spec["world"]),
+                            ZooTrainConfig.from_dict(spec["zoo"]), Path(spec["work"]), False, "cpu", 1)
+    atomic_write(Path(spec["work"]) / f"{spec['name']}.report.json", lambda p: p.write_text(json.dumps(entry)))
+
+
+def _train_in_workers(world: ToyWorld, cfg: ZooTrainConfig, work: Path, progress: bool, workers: int) -> dict:
+    """Train the zoo's models in up to ``workers`` fresh interpreter processes with one thread each."""
+    import subprocess
+    import sys
+
+    pending, running, report = list(cfg.models), {}, {}
+    bar = tqdm(total=len(pending), desc="train toy zoo (models, in parallel)", disable=not progress, leave=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                name = pending.pop(0)
+                spec = json.dumps({"name": name, "world": world.cfg.to_dict(), "zoo": cfg.to_dict(), "work": str(work)})
+                cmd = [sys.executable, "-c", "import sys; from usae.data.toyzoo import _worker_main; _worker_main(sys.argv[1])",
+                       spec]
+                running[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.2)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                del running[name]
+                if proc.returncode != 0:
+                    raise RuntimeError(f"training toy model {name!r} failed (exit code {proc.returncode}): "
+                                       f"{err.strip().splitlines()[-1] if err.strip() else 'no message'}")
+                report[name] = json.loads((work / f"{name}.report.json").read_text())
+                (work / f"{name}.report.json").unlink()
+                bar.update(1)
+    finally:
+        for proc in running.values():
+            proc.kill()
+        bar.close()
+    return {name: report[name] for name in cfg.models}
+
+
+def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress: bool = True,
+                  device: str | torch.device = "cpu", workers: int | None = None) -> dict:
+    """Train every model of ``cfg.models`` on split "zoo" and score it on split "val".
+
+    Writes ``<out_dir>/<name>.safetensors`` (the timm model's state_dict, for ``zoo.load_backbone``),
+    ``<name>.heads.safetensors`` and ``report.json`` (written last) ``{name: {task: value, "metric": {task:
+    "mAP" | "accuracy"}, "chance": {task: value}, "f1": {...}, "params", "seconds", "final_loss"}}``.
+    A missing ``out_dir`` is built in a temporary sibling and renamed into place at the end; an existing
+    one (e.g. the caller's own temporary folder) gets each file written atomically. ``device``: where to
+    train (the book trains on CPU). ``workers``: on CPU, models trained side by side in that many processes
+    with one torch thread each (default: one per core, at most one per model; 1 trains them in turn in this
+    process). Toy models are too small to use two threads well, so two one-thread workers train the zoo
+    about 1.7x faster on 2 cores; each model's result depends only on its seed and its thread count.
+    Returns the report.
+    """
+    if not isinstance(world, ToyWorld):
+        raise ValueError(f"train_toy_zoo: world = {world!r} is not valid; expected a ToyWorld")
+    if not isinstance(cfg, ZooTrainConfig):
+        raise ValueError(f"train_toy_zoo: cfg = {cfg!r} is not valid; expected a ZooTrainConfig")
+    for name in cfg.models:
+        _tasks_of(name)
+    if workers is None:
+        workers = 1 if torch.device(device).type != "cpu" else min(len(cfg.models), os.cpu_count() or 1)
+    positive_int("train_toy_zoo: workers", workers)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"train_toy_zoo: out_dir = {str(out_dir)!r} exists and is not a folder")
+    fresh = not out_dir.exists()
+    work = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}") if fresh else out_dir
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    try:
+        if workers == 1:
+            report = {name: _train_and_save(name, world.cfg, cfg, work, progress, device, None)
+                      for name in cfg.models}
+        else:
+            report = _train_in_workers(world, cfg, work, progress, workers)
+        atomic_write(work / "report.json", lambda p: p.write_text(json.dumps(report, indent=1)))
+        if fresh:
+            os.replace(work, out_dir)
+    finally:
+        if fresh:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def load_toy_backbone(name: str, out_dir: Path, layer: int | None = None) -> nn.Module:
+    """The trained toy backbone ``name`` from ``out_dir`` as a ``zoo.Backbone`` (eval mode)."""
+    _tasks_of(name)
+    path = Path(out_dir) / f"{name}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"load_toy_backbone: no weights for {name!r} at {str(path)!r}; train the zoo first")
+    return zoo.load_backbone(BackboneSpec(name, layer=layer, pretrained=False), weights=path).eval()
+
+
+def load_toy_heads(name: str, out_dir: Path) -> TaskHeads:
+    """The trained task heads of toy model ``name`` from ``out_dir``."""
+    tasks = _tasks_of(name)
+    path = Path(out_dir) / f"{name}.heads.safetensors"
+    if not path.is_file():
+        raise ValueError(f"load_toy_heads: no heads for {name!r} at {str(path)!r}; train the zoo first")
+    with safe_open(str(path), "pt") as f:
+        pool = (f.metadata() or {}).get("pool", "meanmax")
+    state = load_file(str(path))
+    width = state[f"heads.{tasks[0].name}.weight"].shape[1]
+    heads = TaskHeads(width // 2 if pool == "meanmax" else width, tasks, pool)
+    heads.load_state_dict(state)
+    return heads.eval()
+
+
+def flat_scores(report: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """``("model: task" -> held-out score, "model: task" -> chance)`` from a ``train_toy_zoo`` report."""
+    scores, chance = {}, {}
+    for name, entry in report.items():
+        for task in entry["metric"]:
+            scores[f"{name}: {task}"] = float(entry[task])
+            chance[f"{name}: {task}"] = float(entry["chance"][task])
+    return scores, chance

@@ -1,0 +1,28 @@
+"""Figures only (plotly): every function takes computed results and returns a figure.
+
+- ``core`` (re-exported here): image grids, heatmaps, tables, lines, the R² matrix, the update-rule diagram;
+- ``concepts``: concept galleries, universality scatter plots, the concept explorer;
+- ``perf``: benchmark tables, FLOP and timing bars, kernel diagrams;
+- ``cam``: CAM images and their comparisons with exemplars.
+"""
+
+from usae.viz.core import (
+    BOOK_RENDERER,
+    PALETTE,
+    bars_with_chance,
+    grouped_bars,
+    heatmaps,
+    histograms,
+    image_grid,
+    label_maps,
+    lines,
+    r2_heatmap,
+    seeds_headroom_figure,
+    setup_notebook,
+    table,
+    update_rule_diagram,
+)
+
+__all__ = ["BOOK_RENDERER", "PALETTE", "bars_with_chance", "grouped_bars", "heatmaps", "histograms",
+           "image_grid", "label_maps", "lines", "r2_heatmap", "seeds_headroom_figure", "setup_notebook",
+           "table", "update_rule_diagram"]
