@@ -1,14 +1,23 @@
 """pytest setup shared by the unit tests and the chapters (run by nbval).
 
 Chapters run at the ``smoke`` preset into a temporary artifact cache unless the caller set ``USAE_PRESET`` /
-``USAE_RUNS``; notebook kernels started by nbval inherit this environment.
+``USAE_RUNS``; notebook kernels started by nbval inherit this environment. The temporary cache is removed when
+the session ends.
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("USAE_PRESET", "smoke")
+_OWN_RUNS = None
 if "USAE_RUNS" not in os.environ:
-    os.environ["USAE_RUNS"] = tempfile.mkdtemp(prefix="usae-test-runs-")
+    _OWN_RUNS = os.environ["USAE_RUNS"] = tempfile.mkdtemp(prefix="usae-test-runs-")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no OpenMP spin-waiting
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the temporary artifact cache this session created (a caller's USAE_RUNS is left alone)."""
+    if _OWN_RUNS is not None:
+        shutil.rmtree(_OWN_RUNS, ignore_errors=True)

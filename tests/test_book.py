@@ -1,7 +1,10 @@
 """End to end: build the whole book at the smoke preset, then look at it in headless Chromium.
 
-The screenshot check counts pixels of a plotly trace colour; the same page with plotly.js removed must show
-none, so the check proves the figure is drawn by the vendored script (not merely present as JSON).
+The build asks chapter 2 for one deliberately failing claim (``USAE_CLAIMS=fail:02_extraction``): the book
+must still render every page, show the failure on chapter 2's page, and end with an error naming it and
+nothing else. The screenshot check counts pixels of a plotly trace colour; the same page with plotly.js
+removed must show none, so the check proves the figure is drawn by the vendored script (not merely present as
+JSON). The maths check loads a page with the network refused and counts typeset formulas.
 """
 
 from __future__ import annotations
@@ -16,18 +19,46 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usae.book import build
+from usae.book import build, page_problems
+from usae.claims import CLAIMS_MODE_ENV, DELIBERATE
 from usae.config import repo_root
 from usae.viz.core import PALETTE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+FAILING = "02_extraction"
+
+
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory) -> Path:
+def build_error(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("book")
-    index = build(output=out, preset="smoke")
-    return index.parent
+    before = os.environ.get(CLAIMS_MODE_ENV)
+    os.environ[CLAIMS_MODE_ENV] = f"fail:{FAILING}"
+    try:
+        with pytest.raises(RuntimeError) as error:
+            build(output=out, preset="smoke")
+    finally:
+        if before is None:
+            os.environ.pop(CLAIMS_MODE_ENV)
+        else:
+            os.environ[CLAIMS_MODE_ENV] = before
+    return out / "_build" / "html", str(error.value)
+
+
+@pytest.fixture(scope="session")
+def built_book(build_error) -> Path:
+    return build_error[0]
+
+
+def test_a_failed_claim_still_renders_the_book_and_fails_the_build_naming_it(build_error):
+    html_root, message = build_error
+    problems = page_problems(html_root)
+    assert [(p.page, p.message.split(":")[0]) for p in problems] == [(f"book/{FAILING}.html", "AssertionError")]
+    assert problems[0].cell is not None and DELIBERATE in problems[0].message
+    assert f"book/{FAILING}.html, cell {problems[0].cell}" in message and DELIBERATE in message
+    page = (html_root / "book" / f"{FAILING}.html").read_text()
+    assert f"claim(s) of {FAILING} failed" in page and 'class="admonition error"' in page
 
 
 def screenshot(page: Path, png: Path, profile: Path) -> np.ndarray:
@@ -45,10 +76,14 @@ def count_colour(pixels: np.ndarray, hex_colour: str, tol: int = 12) -> int:
 
 
 def test_every_chapter_is_rendered_with_figures(built_book):
-    for name in ["intro", "01_toy_world", "02_extraction"]:
-        html = (built_book / "book" / f"{name}.html").read_text()
-        assert "Traceback" not in html
-        if name != "intro":
+    toc = (repo_root() / "_toc.yml").read_text()
+    pages = [line.split("file:")[1].strip() for line in toc.splitlines() if "file:" in line]
+    assert len(pages) >= 12
+    for name in pages:
+        html = (built_book / f"{name}.html").read_text()
+        if FAILING not in name:
+            assert "Traceback" not in html, name
+        if name.split("/")[-1][:2].isdigit():
             assert "Plotly.newPlot" in html, f"{name}: no plotly figure in the HTML"
     assert (built_book / "_static" / "plotly.min.js").exists()
 
@@ -64,6 +99,30 @@ def test_figures_are_visible_in_a_browser(built_book, tmp_path):
     hidden = count_colour(screenshot(stripped, tmp_path / "without.png", tmp_path / "p2"), PALETTE[0])
     assert shown > 2000, f"only {shown} pixels of the bar colour are visible"
     assert hidden < shown / 20, (hidden, shown)
+
+
+def dump_dom_offline(page: Path, profile: Path) -> str:
+    """The page's DOM after its scripts ran, in headless Chromium with every network request refused."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=15000",
+           "--dump-dom", page.as_uri()]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed")
+def test_maths_is_typeset_offline(built_book, tmp_path):
+    assert CHROMIUM, "CI must have chromium (.ci/run installs it)"
+    page = built_book / "book" / "appendix_discrepancies.html"
+    html = page.read_text()
+    assert "_static/mathjax/tex-chtml.js" in html and "cdn.jsdelivr" not in html
+    assert (built_book / "_static" / "mathjax" / "tex-chtml.js").exists()
+    typeset = dump_dom_offline(page, tmp_path / "p1").count("<mjx-container")
+    # negative control: without the vendored script the same page typesets nothing
+    stripped = page.with_name("no_mathjax.html")
+    stripped.write_text(html.replace("_static/mathjax/tex-chtml.js", "_static/mathjax/missing.js"))
+    assert dump_dom_offline(stripped, tmp_path / "p2").count("<mjx-container") == 0
+    assert typeset >= 3, f"only {typeset} formulas typeset on {page.name}"
 
 
 def test_papermill_runs_a_chapter_with_injected_parameters(tmp_path):

@@ -28,6 +28,17 @@ def test_claims_enforced_only_at_the_book_preset(monkeypatch, capsys):
     c.verify()  # record mode: no raise
 
 
+def test_a_deliberate_failure_is_enforced_alone_at_any_preset(monkeypatch, capsys):
+    monkeypatch.delenv("USAE_CLAIMS_DIR", raising=False)
+    monkeypatch.setenv("USAE_CLAIMS", "fail:99_test")
+    smoke = Claims("99_test", "smoke", 0)
+    smoke.at_most("small enough", 3, 2)  # outside its bound, but not enforced at smoke
+    with pytest.raises(AssertionError, match=r"^1 claim\(s\) of 99_test failed.*deliberate failure"):
+        smoke.verify()
+    other = Claims("98_other", "smoke", 0)
+    other.verify()  # another chapter is untouched
+
+
 def test_claim_records_are_written_per_seed(tmp_path, monkeypatch):
     monkeypatch.setenv("USAE_CLAIMS_DIR", str(tmp_path))
     monkeypatch.setenv("USAE_CLAIMS", "record")

@@ -28,7 +28,7 @@ from usae.data.extract import extract_store
 from usae.data.sources import ImageSource
 from usae.data.store import ActivationStore, StoreError
 from usae.data.store_writer import StoreWriter
-from usae.experiment import Experiment
+from usae.experiment import Experiment, _stable_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,3 +323,19 @@ def test_resumed_training_in_process_matches_and_old_checkpoints_are_rotated(tmp
     assert not (tmp_path / ".tmp-step_000000016-999999999").exists()
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_an_interrupted_training_without_checkpoints_says_it_starts_again(tmp_path, zoo_runs, capfd):
+    config = tiny_config(steps=20, checkpoint_every=0)
+    runs = tmp_path / "runs"
+    shutil.copytree(zoo_runs, runs)
+    exp = Experiment(config, runs=runs, progress=False)
+    exp.store()
+    _, key = exp._train_key(config.model_names, {}, None)
+    (runs / f".usae-{_stable_hash(key)}.tmp-99999999").mkdir()  # what a killed run leaves behind
+    capfd.readouterr()
+    exp.usae_dir()
+    err = capfd.readouterr().err
+    assert "interrupted" in err and "checkpoint_every" in err and "step 0" in err
+    exp.usae_dir()  # the artifact exists now: nothing more is said
+    assert "interrupted" not in capfd.readouterr().err

@@ -26,6 +26,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # some writers (safetensors) create 0600 files
         os.replace(tmp, path)
     except OSError as err:
         if err.errno == errno.ENOSPC:
@@ -35,6 +36,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def disk_full(path: str | os.PathLike, err: OSError | None = None) -> OSError:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from html import unescape
 from pathlib import Path
 
 from usae._checks import positive_int
@@ -43,8 +46,52 @@ def vendor_plotly(root: Path) -> Path:
     return dst
 
 
+MAX_PAGE_BYTES = 2 << 20  # a page heavier than 2 MiB is a page that embeds raw data it should have reduced
+
+
+@dataclass(frozen=True)
+class PageProblem:
+    """What went wrong on one built page: a cell that raised (``cell``: its 1-based number among the page's
+    code cells), or a page too heavy (``cell`` None)."""
+
+    page: str
+    cell: int | None
+    message: str
+
+    def describe(self) -> str:
+        return f"{self.page}, cell {self.cell}: {self.message}" if self.cell else f"{self.page}: {self.message}"
+
+
+def page_problems(html_root: Path) -> list[PageProblem]:
+    """Every failed cell (its error's last line) and every page over ``MAX_PAGE_BYTES`` under ``html_root``."""
+    problems = []
+    for page in sorted(html_root.rglob("*.html")):
+        if "_static" in page.parts or "_sources" in page.parts or page.name in ("search.html", "genindex.html"):
+            continue
+        text = page.read_text(errors="replace")
+        name = str(page.relative_to(html_root))
+        cells = text.split('<div class="cell docutils container')[1:]
+        for number, cell in enumerate(cells, start=1):
+            start = cell.find('class="output traceback')
+            if start < 0:
+                continue
+            block = cell[start:cell.find("</pre>", start)]
+            lines = [line.strip() for line in unescape(re.sub(r"<[^>]+>", "", block)).splitlines() if line.strip()]
+            errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)]
+            problems.append(PageProblem(name, number, (errors or lines or ["(no message)"])[-1][:500]))
+        size = page.stat().st_size
+        if size > MAX_PAGE_BYTES:
+            problems.append(PageProblem(name, None, f"{size / (1 << 20):.1f} MiB, over the "
+                                                    f"{MAX_PAGE_BYTES >> 20} MiB limit for one page"))
+    return problems
+
+
 def build(output: Path | None = None, preset: str | None = None, root: Path | None = None) -> Path:
-    """Execute and render the book; returns the path of ``index.html``. Raises ``RuntimeError`` on failure."""
+    """Execute and render the book; returns the path of ``index.html``.
+
+    Every chapter renders even when a cell fails (a failed claim shows on its page as a marked box and its
+    traceback); the build then raises ``RuntimeError`` listing each failure (page, cell, message) and each page
+    over 2 MiB, after printing where the rendered book is. A Sphinx warning or a missing page also raises."""
     root = root or repo_root()
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset = {preset!r} is not valid; expected one of {list(PRESETS)}")
@@ -64,6 +111,10 @@ def build(output: Path | None = None, preset: str | None = None, root: Path | No
     if not index.exists():
         raise RuntimeError(f"the build finished but {index} is missing")
     print(f"built in {time.perf_counter() - started:.0f} s; open {index}")
+    problems = page_problems(index.parent)
+    if problems:
+        raise RuntimeError(f"the book was rendered ({index}), but {len(problems)} problem(s) were found:\n  "
+                           + "\n  ".join(p.describe() for p in problems))
     return index
 
 

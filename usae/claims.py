@@ -13,6 +13,10 @@ Bounds are calibrated for the ``book`` preset on the toy world, so claims are en
 other presets they are recorded and printed, never asserted. With ``$USAE_CLAIMS_DIR`` set, ``verify`` also
 writes ``<dir>/<seed>/<chapter>.json`` (how ``usae seeds`` collects them); with
 ``$USAE_CLAIMS=record`` it records without raising, so one failed claim does not hide the others' values.
+With ``$USAE_CLAIMS=fail:<chapter>`` that chapter gets one deliberately failing claim, enforced at any preset
+(how the tests check that a failed claim shows on its page and fails ``usae book``).
+
+A failed, enforced claim shows in the chapter's page as a marked box listing the failures, then raises.
 """
 
 from __future__ import annotations
@@ -94,8 +98,14 @@ class Claims:
         return self._add(name, value, None, None)
 
     @property
+    def deliberate_failure(self) -> bool:
+        """Whether ``$USAE_CLAIMS=fail:<this chapter>`` asks for one failing claim (tests of the book build)."""
+        return os.environ.get(CLAIMS_MODE_ENV, "") == f"fail:{self.chapter}"
+
+    @property
     def enforced(self) -> bool:
-        return self.preset == ENFORCED_PRESET and os.environ.get(CLAIMS_MODE_ENV, "") != "record"
+        mode = os.environ.get(CLAIMS_MODE_ENV, "")
+        return self.deliberate_failure or (self.preset == ENFORCED_PRESET and mode != "record")
 
     def failures(self) -> list[Claim]:
         return [c for c in self.items if not c.holds]
@@ -103,6 +113,8 @@ class Claims:
     def verify(self) -> None:
         """Print every claim, write the record (``$USAE_CLAIMS_DIR``), and raise AssertionError listing the failed
         ones when enforced (book preset, not ``$USAE_CLAIMS=record``)."""
+        if self.deliberate_failure and not any(c.name == DELIBERATE for c in self.items):
+            self.at_least(DELIBERATE, 0, 1)
         for c in self.items:
             print(("  " if c.holds else "✗ ") + c.describe())
         folder = os.environ.get(CLAIMS_DIR_ENV)
@@ -114,12 +126,35 @@ class Claims:
                                        "claims": [asdict(c) for c in self.items]}, indent=1))
             os.replace(tmp, out / f"{self.chapter}.json")
         failed = self.failures()
+        if self.deliberate_failure and self.preset != ENFORCED_PRESET:  # only the deliberate one is enforced
+            failed = [c for c in failed if c.name == DELIBERATE]
         if failed and self.enforced:
+            _show_failures(self.chapter, self.seed, failed)
             raise AssertionError(f"{len(failed)} claim(s) of {self.chapter} failed at seed {self.seed}: "
                                  + "; ".join(c.describe() for c in failed))
         if failed:
             print(f"({len(failed)} claim(s) outside their book-preset bounds; bounds are enforced only at the "
                   f"{ENFORCED_PRESET!r} preset)")
+
+
+DELIBERATE = "deliberate failure ($USAE_CLAIMS=fail:<chapter>)"
+
+
+def _show_failures(chapter: str, seed: int, failed: Sequence[Claim]) -> None:
+    """A marked box in the notebook's output (the rendered page) listing the failed claims; nothing outside
+    IPython."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    from html import escape
+
+    items = "".join(f"<li>{escape(c.describe())}</li>" for c in failed)
+    display(HTML(f'<div class="admonition error"><p class="admonition-title">{len(failed)} claim(s) of '
+                 f"{escape(chapter)} failed at seed {seed}</p><ul>{items}</ul></div>"))
 
 
 def cpu_model() -> str:

@@ -8,6 +8,11 @@
     usae bench [--quick] [step|store|...]          # speed against references timed in the same run
     usae book [--preset smoke]                     # execute every chapter and render the HTML book
     usae seeds --preset book --seeds 0-4 --jobs 2  # every chapter's claims per seed -> the seeds table
+    usae r2 RUN                                    # the cross-model R² matrix of a trained run
+    usae concepts RUN --top 20                     # entropy, co-fire proportion, energy of its top concepts
+    usae gallery RUN 42 --out concept42.html       # one concept's top images through every model
+
+RUN is the folder ``usae train`` printed.
 
 ``extract`` and ``train`` get-or-compute the artifacts of :class:`usae.experiment.Experiment` and print the artifact's
 folder. Run the same command again after an interruption (Ctrl-C, a crash, ``kill -9``) and it continues:
@@ -29,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from usae._checks import positive_int
 from usae.config import PRESETS, SEED_ENV, ExperimentConfig, preset, seed_from_env
 
 __all__ = ["main", "load_config", "apply_settings"]
@@ -83,7 +89,8 @@ def load_config(preset_name: str | None, config_file: str | Path | None,
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usae", description="Universal Sparse Autoencoders: the pipeline, the "
                                      "benchmarks and the book.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{extract,train,bench,book,seeds}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{extract,train,r2,concepts,gallery,bench,book,seeds}")
     for name, text in (("extract", "train the toy zoo if needed and extract the activation store"),
                        ("train", "extract if needed, then train the USAE (resumes from its last checkpoint)")):
         p = sub.add_parser(name, help=text, description=text)
@@ -97,6 +104,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--seed", default=None, help="pipeline seed: world, zoo, USAE, SAEs (default: $USAE_SEED or "
                        "the config's seeds)")
+    for name, text in (("r2", "print the cross-model R² matrix of a trained run (row: encoder, column: decoder)"),
+                       ("concepts", "print the most energetic concepts of a run: entropy, co-fire proportion, energy"),
+                       ("gallery", "write one concept's top images, with every model's heatmap, to an HTML file")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("run", type=Path, help="the run folder that `usae train` printed")
+        if name == "gallery":
+            p.add_argument("concept", type=int, help="the concept id")
+            p.add_argument("--images", type=int, default=6, help="how many top images (default 6)")
+            p.add_argument("--out", type=Path, default=None, help="HTML file (default: concept-<id>.html)")
+        if name == "concepts":
+            p.add_argument("--top", type=int, default=20, help="how many concepts, most energetic first (default 20)")
+        p.add_argument("--split", default="val", help="the store split to analyse (default: val)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
     text = "speed benchmarks, as ratios against references timed in the same run"
     p = sub.add_parser("bench", help=text, description=text)
     p.add_argument("entries", nargs="*", help="entries to run (default: all of usae.perf.runner.ENTRIES)")
@@ -168,6 +188,46 @@ def _seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis(args: argparse.Namespace) -> int:
+    from usae.experiment import load_run
+    from usae.stats import concepts, firing
+    from usae.stats.reconstruction import r2_matrix
+
+    run = load_run(args.run, progress=not args.quiet)
+    store, names = run.store(), list(run.model.names)
+    if args.command == "r2":
+        matrix = r2_matrix(run.model, store, split=args.split)
+        width = max(len(n) for n in names) + 2
+        print("encoder \\ decoder".ljust(width) + "".join(n.rjust(width) for n in names))
+        for i, n in enumerate(names):
+            print(n.ljust(width) + "".join(f"{float(v):{width}.3f}" for v in matrix[i]))
+        return 0
+    stats = firing.firing_stats(run.model, store, split=args.split, progress=not args.quiet)
+    if args.command == "concepts":
+        positive_int("--top", args.top)
+        print("concept  entropy    energy  " + "  ".join(f"CFP {n}" for n in names) + "  " +
+              "  ".join(f"fires {n}" for n in names))
+        for row in concepts.concept_rows(stats, top=args.top):
+            print(f"{row.concept:7d}  {row.entropy:7.3f}  {row.energy:8.4g}  "
+                  + "  ".join(f"{row.cfp[n]:{len(n) + 4}.3f}" for n in names) + "  "
+                  + "  ".join(f"{row.fires[n]:{len(n) + 6}d}" for n in names))
+        return 0
+    from usae.stats import galleries
+    from usae.viz import concepts as figures
+
+    if not 0 <= args.concept < run.model.n_latents:
+        raise ValueError(f"concept {args.concept} is not valid; expected an id in [0, {run.model.n_latents})")
+    positive_int("--images", args.images)
+    gallery = galleries.galleries(run.model, store, run.experiment.images, [args.concept], args.split,
+                                  args.images)[args.concept]
+    fig = figures.gallery_figure(gallery.images, gallery.heatmaps, captions=gallery.captions,
+                                 title=figures.concept_title(stats, args.concept))
+    out = args.out or Path(f"concept-{args.concept}.html")
+    fig.write_html(out, include_plotlyjs=True)  # plotly.js inside the file: opens offline
+    print(out)
+    return 0
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from usae.experiment import Experiment
 
@@ -186,7 +246,8 @@ def _pipeline(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 done, 1 bad input or failure, 2 usage error)."""
     args = _parser().parse_args(argv)
-    command = {"extract": _pipeline, "train": _pipeline, "bench": _bench, "book": _book, "seeds": _seeds}
+    command = {"extract": _pipeline, "train": _pipeline, "bench": _bench, "book": _book, "seeds": _seeds,
+               "r2": _analysis, "concepts": _analysis, "gallery": _analysis}
     try:
         return command[args.command](args)
     except (RuntimeError, ValueError, OSError) as err:

@@ -34,11 +34,12 @@ def repo_root(start: Path | None = None) -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def runs_dir() -> Path:
-    """The artifact cache: ``$USAE_RUNS`` when set, else ``<repo>/data/runs``."""
+def runs_dir(create: bool = True) -> Path:
+    """The artifact cache: ``$USAE_RUNS`` when set, else ``<repo>/data/runs`` (created unless ``create=False``)."""
     override = os.environ.get("USAE_RUNS")
     path = Path(override).expanduser() if override else repo_root() / "data" / "runs"
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

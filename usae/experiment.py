@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,23 @@ from usae.data.sources import folder_sources, toy_source, with_images
 
 if TYPE_CHECKING:
     from usae.train.history import TrainHistory
+
+
+def _runs_folder(runs: str | Path | None) -> Path:
+    """The artifact cache folder, created if needed; ValueError naming the option when it cannot be used."""
+    path = Path(runs).expanduser() if runs is not None else runs_dir(create=False)
+    where = "runs (--runs, $USAE_RUNS)"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{where} = {str(path)!r} is a file; expected a folder for the artifact cache")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{where} = {str(path)!r} cannot be written ({err.strerror}); give a writable folder "
+                         "with --runs DIR or USAE_RUNS=DIR") from None
+    return path
 
 
 def _stable_hash(data: Any, length: int = 10) -> str:
@@ -77,8 +96,7 @@ class Experiment:
             self.config.usae.width({s.name: get_entry(s.name).dim for s in self.config.backbones})
         _ = self.device  # fail now (before anything is written) when config.device names a missing GPU
         self.shard_bytes = positive_int("shard_bytes", shard_bytes)
-        self.runs = Path(runs).expanduser() if runs is not None else runs_dir()
-        self.runs.mkdir(parents=True, exist_ok=True)
+        self.runs = _runs_folder(runs)
         self.progress = progress
         self._cache: dict[str, Any] = {}
 
@@ -231,7 +249,9 @@ class Experiment:
                               shard_bytes=self.shard_bytes)
 
             folder = self.artifact("acts", key, build)
-            self._cache["store"] = ActivationStore.open(folder / "store", expect_meta={"key": _stable_hash(key)})
+            store = ActivationStore.open(folder / "store", expect_meta={"key": _stable_hash(key)})
+            store.progress = self.progress
+            self._cache["store"] = store
         return self._cache["store"]
 
     # -- universal and independent SAEs ---------------------------------------------------------------------
@@ -273,17 +293,24 @@ class Experiment:
         # trainer checkpoints (train_cfg.checkpoint_every > 0) live beside the artifact under a stable name, so
         # an interrupted run resumes where it stopped; removed once the artifact is complete
         checkpoints = self.runs / f".{stage}-{_stable_hash(key)}.checkpoints"
+        interrupted = any(self.runs.glob(f".{stage}-{_stable_hash(key)}.tmp-*"))
+        if interrupted and not train_cfg.checkpoint_every and not (self.runs / f"{stage}-{_stable_hash(key)}").is_dir():
+            print(f"{stage}: an earlier training run was interrupted; train.checkpoint_every = 0 keeps no "
+                  "checkpoints, so it starts again at step 0 (set train.checkpoint_every=N to resume instead)",
+                  file=sys.stderr)
+        label = "USAE" if len(names) > 1 else f"SAE {names[0]}"
 
         def build(tmp: Path) -> None:
             store = self.store()
             model = self._initial(names, train_cfg, init)
             started = time.perf_counter()
-            trainer = Trainer(model, train_cfg, progress=self.progress,
+            trainer = Trainer(model, train_cfg, progress=self.progress, desc=label,
                               checkpoint_dir=checkpoints if train_cfg.checkpoint_every else None)
             history = trainer.fit(store)
             history.seconds = time.perf_counter() - started
             model.save(tmp / "model.safetensors")
             (tmp / "history.json").write_text(json.dumps(history.to_dict()))
+            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))  # for load_run
 
         folder = self.artifact(stage, key, build)
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -379,3 +406,42 @@ class Experiment:
                              f"{list(self.config.model_names)}")
         folder = self._trained("sae", (name,), train_changes)
         return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
+
+
+@dataclass
+class Run:
+    """A trained USAE artifact folder opened for analysis (:func:`load_run`): the ``model`` (eval mode), its
+    ``history``, and the ``experiment`` that made it, whose ``store()`` holds the activations it was trained on
+    (computed again, or found in the same cache, when needed)."""
+
+    folder: Path
+    experiment: Experiment
+    model: Any
+    history: Any
+
+    def store(self):
+        """The activation store of the run's experiment (its ``val`` split is what the analyses read)."""
+        return self.experiment.store()
+
+
+def load_run(folder: str | Path, *, progress: bool = True) -> Run:
+    """Open the USAE folder that ``usae train`` printed (``<runs>/usae-<hash>``, or an independent SAE's):
+    ``model.safetensors``, ``history.json`` and ``config.json``; the runs cache is the folder's parent.
+
+    >>> run = load_run("data/runs/usae-1a2b3c4d5e")
+    >>> r2_matrix(run.model, run.store())
+    """
+    from usae.core.model import UniversalSAE
+    from usae.train.history import TrainHistory
+
+    path = Path(folder).expanduser()
+    missing = [n for n in ("model.safetensors", "history.json", "config.json") if not (path / n).is_file()]
+    if missing:
+        raise ValueError(f"run folder {str(path)!r} is not valid: it has no {', '.join(missing)}; expected the "
+                         "folder that `usae train` printed (runs trained before config.json was written: train "
+                         "again with the same command; it finds the cached model)")
+    config = ExperimentConfig.from_dict(json.loads((path / "config.json").read_text()))
+    exp = Experiment(config, runs=path.parent, progress=progress)
+    model = UniversalSAE.load(path / "model.safetensors", map_location=exp.device).eval()
+    history = TrainHistory.from_dict(json.loads((path / "history.json").read_text()))
+    return Run(path, exp, model, history)

@@ -248,3 +248,17 @@ def test_encode_train_matches_encode_in_training_mode(encoder):
         model.encode_train("vit", x, dead=torch.zeros(39, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"expected \[N, 12\]"):
         model.encode_train("vit", torch.randn(4, 7))
+
+
+def test_saved_files_follow_the_umask_so_a_shared_cache_can_read_them(tmp_path):
+    import os
+
+    before = os.umask(0o022)
+    try:
+        path = UniversalSAE({"a": 4, "b": 6}, 8, 2).save(tmp_path / "usae.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o002)
+        path = UniversalSAE({"a": 4, "b": 6}, 8, 2).save(tmp_path / "usae2.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(before)

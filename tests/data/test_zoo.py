@@ -26,8 +26,35 @@ def test_registry_has_the_required_models():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="toy_vit"):
+    with pytest.raises(ValueError, match="toy_vit.*timm model id"):
         get_entry("nope")
+    with pytest.raises(ValueError, match="timm cannot build"):
+        get_entry("resnet18.no_such_tag")
+
+
+# any timm id, not in the registry: one model per family (registers, ConvNeXt, ResNet, Swin, Mixer)
+TIMM_IDS = {"vit_little_patch16_reg4_gap_256": ("vit", 4, 256, 16), "convnext_atto.d2_in1k": ("cnn", 0, 224, 7),
+            "resnet18.a1_in1k": ("cnn", 0, 224, 7), "swin_tiny_patch4_window7_224": ("cnn", 0, 224, 7),
+            "mixer_s16_224": ("mixer", 0, 224, 14)}
+
+
+@pytest.mark.parametrize("model_id", sorted(TIMM_IDS))
+def test_any_timm_id_gets_its_geometry_from_timm_metadata(model_id):
+    family, n_prefix, size, grid = TIMM_IDS[model_id]
+    entry = get_entry(model_id)
+    assert model_id not in REGISTRY and entry.name == model_id and entry.timm_id == model_id
+    assert (entry.family, entry.n_prefix, entry.image_size, entry.grid) == (family, n_prefix, size, grid)
+    cfg = timm.get_pretrained_cfg(model_id).to_dict()
+    assert entry.mean == tuple(cfg["mean"]) and entry.std == tuple(cfg["std"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        final = load_backbone(BackboneSpec(model_id, pretrained=False))(torch.rand(2, 3, 20, 28))
+        assert final.shape == (2, grid, grid, entry.dim)
+        layers = zoo.list_layers(model_id)
+        chosen = layers[-2]
+        inner = load_backbone(BackboneSpec(model_id, layer=chosen.index, pretrained=False))
+        assert (inner.grid, inner.dim) == (chosen.grid, chosen.dim)
+        assert inner(torch.rand(1, 3, 16, 16)).shape == (1, chosen.grid, chosen.grid, chosen.dim)
 
 
 @pytest.mark.parametrize("name", REAL)

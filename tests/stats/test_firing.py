@@ -224,3 +224,28 @@ def test_bench_generator_and_small_bench_run():
     r = bench_firing(n_tokens=2500, n_latents=128, k=8, batch=1000, dense_sample=300, progress=False)
     assert r["agrees_with_dense"] is True and r["n_tokens"] == 2500
     assert r["peak_rss_gb"] >= r["baseline_rss_gb"] > 0 and r["mean_cofires_per_token"] > 0
+
+
+def test_median_fires_and_top_share_describe_the_spread_of_firing():
+    fires = torch.zeros(2, 200, dtype=torch.int64)
+    fires[0, :100] = torch.arange(1, 101)            # 100 firing concepts with 1..100 fires, 100 dead
+    fires[1] = 5                                      # every concept fires equally often
+    st = stats_from_fires(fires)
+    median = st.median_fires()
+    assert median[0] == torch.tensor(range(1, 101), dtype=torch.float64).median() and median[1] == 5
+    share = st.top_share(0.01)                        # 2 of 200 concepts
+    assert math.isclose(share[0].item(), (100 + 99) / 5050) and math.isclose(share[1].item(), 0.01)
+    with pytest.raises(ValueError, match="fraction = 0"):
+        st.top_share(0)
+
+
+def test_a_source_that_asks_for_no_progress_gets_no_bar(capsys):
+    class Quiet(dict):
+        progress = False
+
+    model = UniversalSAE({"a": 4, "b": 6}, 16, 2)
+    rows = Quiet(a=torch.randn(64, 4), b=torch.randn(64, 6))
+    firing_stats(model, rows, batch_size=16)
+    assert "firing stats" not in capsys.readouterr().err
+    firing_stats(model, dict(rows), batch_size=16)  # plain rows: a bar, as before
+    assert "firing stats" in capsys.readouterr().err

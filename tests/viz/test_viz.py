@@ -1,7 +1,11 @@
+import base64
+import io
+
 import numpy as np
 import plotly.io as pio
 import pytest
 import torch
+from PIL import Image
 
 from usae import viz
 
@@ -15,7 +19,9 @@ def test_setup_notebook_keeps_the_mimetype_and_adds_html():
 
 def test_image_grid_draws_every_image_and_rejects_bad_shapes():
     fig = viz.image_grid(torch.rand(5, 3, 8, 8), cols=3)
-    assert len(fig.data) == 5 and fig.data[0].z.shape == (8, 8, 3)
+    assert len(fig.data) == 5 and fig.data[0].source.startswith("data:image/png;base64,")
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(fig.data[0].source.split(",", 1)[1]))))
+    assert shown.shape == (8, 8, 3)
     with pytest.raises(ValueError, match="3, H, W"):
         viz.image_grid(torch.rand(5, 8, 8))
 
@@ -46,3 +52,13 @@ def test_table_and_bars():
         viz.table([])
     bars = viz.bars_with_chance({"x": 0.9}, {"x": 0.5}, title="t")
     assert bars.data[0].y == (0.9,) and bars.data[1].y == (0.5,)
+
+
+def test_histograms_are_binned_here_on_shared_edges():
+    rng = np.random.default_rng(0)
+    samples = {"a": rng.normal(size=600_000), "b": np.append(rng.normal(2.0, size=1000), np.nan)}
+    fig = viz.histograms(samples, title="t", nbins=40)
+    assert [len(t.y) for t in fig.data] == [40, 40]          # 40 counts per trace, not 600 000 values
+    assert np.array_equal(fig.data[0].x, fig.data[1].x)      # one set of bins for both
+    assert sum(fig.data[0].y) == 600_000 and sum(fig.data[1].y) == 1000  # NaN left out
+    assert len(fig.to_json()) < 20_000

@@ -15,14 +15,14 @@
 from usae.cam.objectives import Objective, concept, concept_activation, concept_head, l2, reduce_tokens, total_variation
 from usae.cam.params import FourierImage, ImageParam, MacoImage, PixelImage, make_param
 from usae.cam.render import (
-                                 CamContext,
-                                 CamResult,
-                                 CamSettings,
-                                 cam_settings,
-                                 consensus,
-                                 coordinated,
-                                 pixel_range,
-                                 render,
+    CamContext,
+    CamResult,
+    CamSettings,
+    cam_settings,
+    consensus,
+    coordinated,
+    pixel_range,
+    render,
 )
 from usae.cam.spectrum import Spectrum, compute_spectrum, folder_spectrum, load_spectrum, toy_spectrum
 from usae.cam.transforms import Crops, Jitter, Noise, Rotate, Scale, Views, views_from

@@ -81,6 +81,7 @@ class ActivationStore:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
+        self.progress = True  # whether passes over this store show progress bars by default
         self.models: tuple[str, ...] = tuple(manifest["models"])
         self.dims: dict[str, int] = {m: int(manifest["dims"][m]) for m in self.models}
         self.grid: int = int(manifest["grid"])

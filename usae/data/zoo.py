@@ -1,4 +1,10 @@
-"""The backbone zoo: a registry of vision models (real timm models and the embedded toy models).
+"""The backbone zoo: any timm model by id, named shortcuts for the paper's models, and the embedded toy models.
+
+A backbone name is a ``REGISTRY`` shortcut (``"dinov2_vits14"``, ``"toy_vit"``, ...) or any timm model id,
+with or without its pretrained tag (``"vit_small_patch16_224.augreg_in21k"``, ``"resnet50"``): for an id,
+the preprocessing (input size, mean, std), the prefix-token count (CLS, registers) and the token grid are read
+from timm's own metadata (``pretrained_cfg``, ``num_prefix_tokens``, ``feature_info``) by :func:`timm_entry`.
+``list_layers(name)`` lists the layers one can read (``BackboneSpec(name, layer=i)``).
 
 A :class:`ZooEntry` says how to build a model, how to preprocess its input and what its token grid is;
 :class:`Backbone` wraps a built model so that ``backbone(images)`` maps images in [0, 1] to patch tokens
@@ -20,6 +26,7 @@ import threading
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -73,7 +80,7 @@ def _entry(name: str, arch: str, tag: str | None, family: str, n_prefix: int, im
 
 
 REGISTRY: dict[str, ZooEntry] = {e.name: e for e in (
-    # The paper's three (PAPER.md section 3). DINOv2 is built at 224 px: a 16x16 grid of 14-px patches; timm
+    # The paper's three backbones. DINOv2 is built at 224 px: a 16x16 grid of 14-px patches; timm
     # resamples its 37x37 position embedding when loading the weights (torch.hub resamples at run time).
     _entry("dinov2_vits14", "vit_small_patch14_dinov2", "lvd142m", "vit", 1, 224, IMAGENET_MEAN, IMAGENET_STD,
            384, 16, img_size=224),
@@ -99,10 +106,69 @@ REGISTRY: dict[str, ZooEntry] = {e.name: e for e in (
 
 
 def get_entry(name: str) -> ZooEntry:
-    """The registry entry called ``name``; ValueError listing the valid names otherwise."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; valid names are {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    """The registry entry called ``name``, else the entry of the timm model id ``name`` (:func:`timm_entry`);
+    ValueError naming both kinds of valid names otherwise."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return timm_entry(name)
+
+
+@lru_cache(maxsize=None)
+def timm_entry(model_id: str) -> ZooEntry:
+    """The entry of any timm model id (``"arch"`` or ``"arch.tag"``), from timm's metadata: input size, mean and
+    std (``pretrained_cfg``), prefix tokens (``num_prefix_tokens``), channels (``num_features``) and the final
+    grid (the last ``feature_info`` reduction). Builds the model once with random weights to read them."""
+    import timm
+
+    arch, _, tag = str(model_id).partition(".")
+    if not model_id or not timm.is_model(arch):
+        raise ValueError(f"unknown backbone {model_id!r}: neither a usae.data.zoo shortcut {sorted(REGISTRY)} nor a "
+                         "timm model id; list ids with timm.list_models('vit_*', pretrained=True)")
+    try:
+        model = timm.create_model(model_id, pretrained=False, num_classes=0)
+    except RuntimeError as exc:  # e.g. an unknown pretrained tag
+        raise ValueError(f"backbone {model_id!r}: timm cannot build it ({str(exc)[:200]})") from None
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+    n_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info:
+        grid = -(-size // int(info[-1]["reduction"]))
+    else:  # no metadata: measure the grid with one forward pass
+        with torch.no_grad():
+            out = model.forward_features(torch.zeros(1, 3, size, size))
+        grid = out.shape[1] if out.dim() == 4 and _channels_last(model) else (
+            out.shape[-1] if out.dim() == 4 else int(round((out.shape[1] - n_prefix) ** 0.5)))
+    family = "vit" if hasattr(model, "num_prefix_tokens") else ("mixer" if "mixer" in arch else "cnn")
+    return ZooEntry(str(model_id), arch, tag or None, (), family, n_prefix, size, mean, std,
+                    int(model.num_features), int(grid))
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Whether the model's feature maps are [B, h, w, C] (timm's ``output_fmt``, e.g. Swin) rather than NCHW."""
+    return str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One readable layer: ``BackboneSpec(name, layer=index)``; ``module`` is timm's name for it, ``dim`` its
+    channels and ``grid`` its token-grid side at the backbone's input size."""
+
+    index: int
+    module: str
+    dim: int
+    grid: int
+
+
+def list_layers(name: str) -> list[LayerInfo]:
+    """The layers of backbone ``name`` that ``BackboneSpec(name, layer=i)`` can read (timm's feature points;
+    ``layer=None`` is the final output after the final norm). Builds the model with random weights."""
+    entry = get_entry(name)
+    points = _feature_points(create_model(name, pretrained=False))
+    return [LayerInfo(i, str(p.get("module", "")), int(p["num_chs"]), -(-entry.image_size // int(p["reduction"])))
+            for i, p in enumerate(points)]
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -168,19 +234,20 @@ def create_model(name: str, pretrained: bool) -> nn.Module:
                              "trained weights with load_backbone(spec, weights=...) or usae.data.toyzoo")
         model = _toy_class(entry.arch)(num_classes=0, **kwargs)
     elif not pretrained:
-        model = timm.create_model(entry.arch, pretrained=False, num_classes=0, **kwargs)
+        model = timm.create_model(entry.timm_id, pretrained=False, num_classes=0, **kwargs)
     else:
         try:
             with _hub_offline(not _hub_reachable()):
                 model = timm.create_model(entry.timm_id, pretrained=True, num_classes=0, **kwargs)
         except Exception as exc:  # huggingface_hub / timm raise many types; report one clear error
             raise RuntimeError(
-                f"could not load pretrained weights for zoo model {name!r} (timm id {entry.timm_id!r}): the "
-                "weights could not be downloaded from the Hugging Face Hub and are not in the local HF cache "
-                f"({type(exc).__name__}: {str(exc)[:200]}). Use pretrained=False for random weights, pass "
-                "weights=<file.safetensors> to load_backbone, or pre-populate the cache on a machine with "
-                f"internet access (python -c \"import timm; timm.create_model('{entry.timm_id}', "
-                "pretrained=True)\") and copy ~/.cache/huggingface (or set HF_HOME) here."
+                f"could not load pretrained weights for backbone {name!r} (timm id {entry.timm_id!r}): they could "
+                "not be downloaded from the Hugging Face Hub and are not in the local HF cache "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). Fixes: random weights with "
+                f"BackboneSpec({name!r}, pretrained=False) (command line: --set 'backbones=[{{\"name\": "
+                f"\"{name}\", \"pretrained\": false}}]'), weights=<file.safetensors> for load_backbone, or copy "
+                "a Hugging Face cache filled on a machine with internet access (python -c \"import timm; "
+                f"timm.create_model('{entry.timm_id}', pretrained=True)\") to ~/.cache/huggingface or $HF_HOME."
             ) from exc
     return model.eval()
 
@@ -243,8 +310,8 @@ class Backbone(nn.Module):
         x = self.preprocess(images)
         if self.layer is None:
             out = self.model.forward_features(x)
-            if out.dim() == 4:  # CNN feature map [B, D, h, w]
-                return out.permute(0, 2, 3, 1)
+            if out.dim() == 4:  # a feature map: [B, D, h, w], or [B, h, w, D] for channels-last models (Swin)
+                return out if _channels_last(self.model) else out.permute(0, 2, 3, 1)
             tokens = out[:, self.entry.n_prefix:]
         else:
             out = self.model.forward_intermediates(x, indices=[self.layer], stop_early=True,

@@ -5,6 +5,7 @@
 - pairwise: fires fall on exactly two models (M >= 3).
 - unique: firing entropy <= 0.2, one dominant model.
 - :func:`concept_groups`: disjoint masks of these kinds, plus "even, not co-firing", "other" and "never fired".
+- :func:`concept_rows`: each concept's entropy, co-fire proportions, energy and fire counts (``usae concepts``).
 
 Every list of ids comes most energetic first.
 """
@@ -12,13 +13,15 @@ Every list of ids comes most energetic first.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from usae.stats.firing import FiringStats
 
-__all__ = ["concept_order", "universal_concepts", "pairwise_concepts", "unique_concepts", "concept_groups"]
+__all__ = ["ConceptRow", "concept_order", "concept_rows", "universal_concepts", "pairwise_concepts", "unique_concepts",
+           "concept_groups"]
 
 
 def concept_order(stats: FiringStats, variant: str = "eq9") -> Tensor:
@@ -79,3 +82,27 @@ def concept_groups(stats: FiringStats, min_entropy: float = 0.9, min_cfp: float 
     other = ~(universal | even | pair | unique | never)
     return {"universal": universal, "even, not co-firing": even, "pairwise": pair, "unique": unique,
             "other": other, "never fired": never}
+
+
+class ConceptRow(NamedTuple):
+    """One concept's universality profile: ``entropy`` (normalised firing entropy, 1 = even across models),
+    ``cfp`` (co-fire proportion per model: share of its fires where every model fires), ``energy`` (aggregated,
+    the order of every list), ``fires`` (tokens per model above the threshold)."""
+
+    concept: int
+    entropy: float
+    cfp: dict[str, float]
+    energy: float
+    fires: dict[str, int]
+
+
+def concept_rows(stats: FiringStats, concepts: Tensor | list[int] | None = None, top: int = 20) -> list[ConceptRow]:
+    """The profile of ``concepts`` (default: the ``top`` most energetic), in the order given."""
+    ids = concept_order(stats)[:top].tolist() if concepts is None else [int(k) for k in concepts]
+    bad = [k for k in ids if not 0 <= k < stats.n_latents]
+    if bad:
+        raise ValueError(f"concepts {bad} are not valid; expected ids in [0, {stats.n_latents})")
+    entropy, cfp, energy = stats.entropy, stats.cofire_proportion, stats.aggregated_energy
+    return [ConceptRow(k, float(entropy[k]), {n: float(cfp[i, k]) for i, n in enumerate(stats.names)},
+                       float(energy[k]), {n: int(stats.fires[i, k]) for i, n in enumerate(stats.names)})
+            for k in ids]

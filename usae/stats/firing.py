@@ -105,6 +105,20 @@ class FiringStats:
         """[m] bool: the concept exceeded the threshold in no model on no token."""
         return self.fires.sum(0) == 0
 
+    def median_fires(self) -> Tensor:
+        """[M] float: per model, the median fire count over the concepts that fire at least once (NaN if none)."""
+        return torch.stack([row[row > 0].double().median() if bool((row > 0).any())
+                            else torch.tensor(math.nan, dtype=torch.float64) for row in self.fires])
+
+    def top_share(self, fraction: float = 0.01) -> Tensor:
+        """[M] float: per model, the share of all fires taken by its ``fraction`` most-firing concepts (at least
+        one concept); how concentrated firing is (``fraction`` alone when every concept fires equally often)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction = {fraction!r} is not valid; expected a number in (0, 1]")
+        n = max(1, round(fraction * self.n_latents))
+        top = self.fires.sort(dim=1, descending=True).values[:, :n].sum(1).double()
+        return top / self.fires.sum(1).double().clamp_min(1)
+
     @property
     def fire_distribution(self) -> Tensor:
         """[M, m] p_k^(i) = |F_k^(i)| / sum_j |F_k^(j)|; NaN columns for never-fired concepts."""
@@ -310,13 +324,15 @@ def _batches(acts: Any, names: Sequence[str], split: str, batch_size: int) -> tu
 
 
 def encoded_batches(model: Any, acts: Any, split: str = "val", batch_size: int = 8192,
-                    progress: bool = True, desc: str = "encoding") -> Iterator[dict[str, Any]]:
+                    progress: bool | None = None, desc: str = "encoding") -> Iterator[dict[str, Any]]:
     """Yield ``{name: SparseCode [B, k]}``: each model's aligned rows encoded by its own encoder.
 
     ``acts``: an ActivationStore (rows of ``split``, in order), a dict ``name -> [N, d]`` tensor, or an
     iterable of ``{name: [B, d]}`` batches. The model runs in eval mode without gradients and is put back
-    in its previous mode afterwards.
+    in its previous mode afterwards. ``progress=None`` follows the source's own ``progress`` flag (a store
+    from ``Experiment(progress=False)`` shows no bar), else shows a bar.
     """
+    progress = getattr(acts, "progress", True) if progress is None else progress
     names = tuple(model.names)
     batches, total = _batches(acts, names, split, batch_size)
     device = next(model.parameters()).device
@@ -340,8 +356,9 @@ def decoder_atom_norms(model: Any) -> Tensor | None:
 
 
 def firing_stats(model: Any, acts: Any, threshold: float = 0.1, batch_size: int = 8192, split: str = "val",
-                 progress: bool = True) -> FiringStats:
-    """One pass over ``acts`` (see :func:`encoded_batches`) -> FiringStats of ``model``'s concepts."""
+                 progress: bool | None = None) -> FiringStats:
+    """One pass over ``acts`` (see :func:`encoded_batches`, also for ``progress``) -> FiringStats of ``model``'s
+    concepts."""
     acc = FiringAccumulator(model.names, model.n_latents, threshold)
     for codes in encoded_batches(model, acts, split, batch_size, progress, desc="firing stats"):
         acc.update(codes)

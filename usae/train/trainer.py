@@ -63,7 +63,8 @@ class Trainer:
     mixed_precision: bool = False
 
     def __init__(self, model: UniversalSAE, config: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = None,
-                 progress: bool = True, keep_checkpoints: int = 2, split: str = "train", backend: str = "auto") -> None:
+                 progress: bool = True, keep_checkpoints: int = 2, split: str = "train", backend: str = "auto",
+                 desc: str = "USAE") -> None:
         if not isinstance(model, UniversalSAE):
             raise ValueError(f"model of type {type(model).__name__} is not valid; expected a UniversalSAE")
         if not isinstance(config, TrainConfig):
@@ -75,6 +76,7 @@ class Trainer:
         self.model, self.config = model, config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.progress, self.keep_checkpoints, self.split, self.backend = progress, keep_checkpoints, split, backend
+        self.desc = desc  # the progress bar's label
         self.device = next(model.parameters()).device
         names, m = model.names, model.n_latents
         self.optimisers = [torch.optim.AdamW(model.model_parameters(n), lr=config.lr,
@@ -251,7 +253,7 @@ class Trainer:
             return self.history
         stream = self._batches(source)
         saved_at = self.step
-        with tqdm(total=cfg.steps, initial=self.step, desc="USAE", disable=not self.progress) as bar:
+        with tqdm(total=cfg.steps, initial=self.step, desc=self.desc, disable=not self.progress) as bar:
             while self.step < cfg.steps:
                 self.train_step(next(stream))
                 bar.update(1)

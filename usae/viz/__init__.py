@@ -16,6 +16,7 @@ from usae.viz.core import (
     image_grid,
     label_maps,
     lines,
+    png_uri,
     r2_heatmap,
     seeds_headroom_figure,
     setup_notebook,
@@ -24,5 +25,5 @@ from usae.viz.core import (
 )
 
 __all__ = ["BOOK_RENDERER", "PALETTE", "bars_with_chance", "grouped_bars", "heatmaps", "histograms",
-           "image_grid", "label_maps", "lines", "r2_heatmap", "seeds_headroom_figure", "setup_notebook",
+           "image_grid", "label_maps", "lines", "png_uri", "r2_heatmap", "seeds_headroom_figure", "setup_notebook",
            "table", "update_rule_diagram"]

@@ -12,8 +12,6 @@ computes galleries on demand, so it needs a running kernel and shows nothing in 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import operator
@@ -27,7 +25,7 @@ from plotly.colors import sequential
 from plotly.subplots import make_subplots
 
 from usae.stats import firing, universality
-from usae.viz.core import PALETTE
+from usae.viz.core import PALETTE, png_uri
 
 __all__ = ["entropy_histogram_figure", "cofire_proportion_figure", "energy_cofire_figure", "split_comparison_figure",
            "gallery_figure", "concept_explorer", "explorer_widget", "matched_cosine_figure", "auroc_heatmap",
@@ -139,16 +137,6 @@ def split_comparison_figure(stats: Mapping[str, firing.FiringStats], top: int = 
 
 
 # ------------------------------------------------------------------------------------------------ galleries
-def _png_uri(image: np.ndarray) -> str:
-    """[3, H, W] float in [0, 1] -> a base64 PNG data URI (compact in the static book)."""
-    from PIL import Image
-
-    pix = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(pix).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _upsample(maps: torch.Tensor, size: int) -> np.ndarray:
     """[n, G, G] -> [n, size, size] bilinear (no overshoot), float32."""
     m = torch.as_tensor(maps, dtype=torch.float32)[:, None]
@@ -162,7 +150,7 @@ def _gallery_traces(images: Any, heatmaps: Mapping[str, Any], zmax: float, overl
     if imgs.ndim != 4 or imgs.shape[1] != 3:
         raise ValueError(f"images: expected shape [n, 3, H, W], got {list(imgs.shape)}")
     n, side = imgs.shape[0], imgs.shape[-1]
-    uris = [_png_uri(im) for im in imgs]
+    uris = [png_uri(im) for im in imgs]
     step = side / overlay_size
     out = []
     for r, (name, maps) in enumerate(heatmaps.items(), start=1):

@@ -6,6 +6,8 @@ static book (an HTML div that uses the locally vendored ``plotly.min.js``; no CD
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -44,6 +46,17 @@ def _to_uint8(images) -> np.ndarray:
     return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def png_uri(image: np.ndarray) -> str:
+    """[3, H, W] floats in [0, 1] -> a base64 PNG data URI (a few kB in a page, where plotly's pixel arrays take
+    ten times more)."""
+    from PIL import Image
+
+    pix = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(pix).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def image_grid(images, titles: Sequence[str] | None = None, cols: int = 8, size: int = 110,
                title: str | None = None) -> go.Figure:
     """A grid of images. ``images``: [N, 3, H, W] floats in [0, 1]."""
@@ -52,8 +65,9 @@ def image_grid(images, titles: Sequence[str] | None = None, cols: int = 8, size:
     rows = (n + cols - 1) // cols
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles) if titles else None,
                         horizontal_spacing=0.01, vertical_spacing=0.06 if titles else 0.01)
-    for i, img in enumerate(pix):
-        fig.add_trace(go.Image(z=img), row=i // cols + 1, col=i % cols + 1)
+    for i, img in enumerate(pix):  # PNG sources, not pixel arrays: pages stay small
+        fig.add_trace(go.Image(source=png_uri(img.transpose(2, 0, 1) / 255.0), hoverinfo="skip"),
+                      row=i // cols + 1, col=i % cols + 1)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(width=cols * size + 40, height=rows * (size + (18 if titles else 0)) + 60,
@@ -116,11 +130,20 @@ def heatmaps(maps: Mapping[str, np.ndarray], title: str | None = None, colorscal
 
 def histograms(samples: Mapping[str, np.ndarray], title: str, xaxis: str = "value", nbins: int = 60,
                log_y: bool = False) -> go.Figure:
-    """Overlaid histograms of 1-D samples, one trace per key."""
+    """Overlaid histograms of 1-D samples, one trace per key, binned here (``nbins`` shared bins over the finite
+    values of all samples), so the page holds ``nbins`` counts per trace rather than every sample."""
+    arrays = {name: np.asarray(values, dtype=np.float64).ravel() for name, values in samples.items()}
+    finite = [a[np.isfinite(a)] for a in arrays.values()]
+    finite = [a for a in finite if a.size]
+    lo = min((float(a.min()) for a in finite), default=0.0)
+    hi = max((float(a.max()) for a in finite), default=1.0)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, nbins + 1)
+    centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     fig = go.Figure()
-    for i, (name, values) in enumerate(samples.items()):
-        fig.add_trace(go.Histogram(x=np.asarray(values).ravel(), name=name, nbinsx=nbins, opacity=0.6,
-                                   marker_color=PALETTE[i % len(PALETTE)]))
+    for i, (name, values) in enumerate(arrays.items()):
+        counts, _ = np.histogram(values[np.isfinite(values)], bins=edges)
+        fig.add_trace(go.Bar(x=centres, y=counts, width=widths, name=name, opacity=0.6,
+                             marker_color=PALETTE[i % len(PALETTE)]))
     fig.update_layout(barmode="overlay", title=title, xaxis_title=xaxis, yaxis_title="count", height=380,
                       yaxis_type="log" if log_y else None, margin=dict(l=50, r=20, t=60, b=50))
     return fig
