@@ -24,6 +24,8 @@ from usae.claims import CLAIMS_MODE_ENV, DELIBERATE
 from usae.config import repo_root
 from usae.viz.core import PALETTE
 
+# every network request refused: the page must draw from the files of the built book alone
+OFFLINE = ("--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -62,10 +64,11 @@ def test_a_failed_claim_still_renders_the_book_and_fails_the_build_naming_it(bui
 
 
 def screenshot(page: Path, png: Path, profile: Path) -> np.ndarray:
+    """A screenshot of the page in headless Chromium, offline."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
            f"--user-data-dir={profile}", "--window-size=1400,9000", "--virtual-time-budget=15000",
-           f"--screenshot={png}", page.as_uri()]
+           *OFFLINE, f"--screenshot={png}", page.as_uri()]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     return np.asarray(Image.open(png).convert("RGB")).astype(int)
 
@@ -102,10 +105,10 @@ def test_figures_are_visible_in_a_browser(built_book, tmp_path):
 
 
 def dump_dom_offline(page: Path, profile: Path) -> str:
-    """The page's DOM after its scripts ran, in headless Chromium with every network request refused."""
+    """The page's DOM after its scripts ran, in headless Chromium, offline."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=15000",
+           *OFFLINE, "--virtual-time-budget=15000",
            "--dump-dom", page.as_uri()]
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
 
