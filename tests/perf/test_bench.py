@@ -68,7 +68,8 @@ def test_the_entry_list_is_explicit_and_the_step_entry_runs_at_tiny_shapes():
     assert list(bench.ENTRIES) == ["extract", "store", "step", "stats", "cam"]
     assert all(callable(fn) for fn in bench.ENTRIES.values())
     rows = bench_step(True, "cpu", dims=DIMS, n_latents=64, k=4, batch_size=64, repeats=1, fit_steps=2)
-    assert len(rows) == 5
+    assert len(rows) == 6  # the all-dead AuxK row is timed, not only built
+    assert sum("all dead" in r["what"] for r in rows) == 1
     for r in rows:
         assert r["entry"] == "step" and math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["target"] is not None
         assert r["passed"] == (r["ratio"] >= r["target"])
@@ -94,3 +95,8 @@ def test_measurements_and_flop_counts_at_tiny_shapes():
     assert flops["decode into all M"]["reference"] / flops["decode into all M"]["ours"] == 6144 / 32
     assert flops["total"]["ours"] < flops["total"]["reference"] / 5
     assert "auxiliary loss" not in flops and "auxiliary loss" in {r["part"] for r in step_flops(aux="official")}
+
+
+def test_the_all_dead_auxk_variant_is_timed():
+    times = measure_steps(DIMS, 64, 4, 32, repeats=2, variants=("ours_auxk", "ours_auxk_all"), progress=False)
+    assert set(times) == {"ours_auxk", "ours_auxk_all"} and all(t > 0 for t in times.values())
