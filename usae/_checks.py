@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["is_int", "int_at_least", "nonneg_int", "nonneg_number", "one_of", "positive_int", "positive_number"]
+__all__ = ["is_int", "int_at_least", "nonneg_int", "nonneg_number", "positive_int", "positive_number"]
 
 
 def is_int(value: Any) -> bool:
@@ -47,11 +46,3 @@ def nonneg_number(name: str, value: Any) -> float:
     if not _is_number(value) or not value >= 0:
         raise ValueError(f"{name} = {value!r} is not valid; expected a number >= 0")
     return float(value)
-
-
-def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """``value`` when it is one of ``choices``."""
-    choices = list(choices)
-    if value not in choices:
-        raise ValueError(f"{name} = {value!r} is not valid; expected one of {choices}")
-    return value
