@@ -47,8 +47,12 @@ def test_history_round_trips_through_json_data():
 
 def test_official_schedule_never_finishes_but_ours_does():
     cfg = TrainConfig(steps=300, warmup_steps=30, lr=3e-4, final_lr=1e-6)
-    chosen = np.random.default_rng(0).integers(0, 3, size=300)
-    lrs = schedules(cfg, chosen, ["a", "b", "c"])
+    chosen = np.random.default_rng(0).integers(0, 3, size=300).tolist()
+    old = TrainHistory(["a", "b", "c"], step=list(range(300)), model=chosen)      # no pick counts: derived
+    counts = [[chosen[:t].count(i) for i in range(3)] for t in range(300)]
+    for h in (old, TrainHistory(["a", "b", "c"], step=list(range(300)), model=chosen, picks=counts)):
+        assert np.array_equal(schedules(cfg, h).per_model["b"], schedules(cfg, old).per_model["b"])
+    lrs = schedules(cfg, old)
     assert np.isclose(lrs.shared[0], cfg.final_lr) and lrs.shared[-1] < 2e-6
     assert list(lrs.per_model) == ["a", "b", "c"]
     for name in "abc":  # stepped ~1/3 as often: still well above final_lr at the end

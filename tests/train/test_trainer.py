@@ -399,3 +399,26 @@ def test_planted_shared_dictionary_is_recovered():
         assert (matched > 0.9).mean() > 0.8, (name, np.round(np.sort(matched), 2))
     r2 = np.array(history.log[-1].r2)
     assert r2.min() > 0.5  # codes from either encoder reconstruct both models
+
+
+def test_fused_adamw_and_fresh_frozen_dictionaries():
+    """The trainer uses torch's fused AdamW; that kernel leaves version counters alone, so the trainer bumps them
+    and every frozen dictionary a step decodes with is the current unit-row dictionary (none is stale)."""
+    from usae.core.model import normalise_rows
+
+    model = make_model()
+    trainer = Trainer(model, cfg(), progress=False)
+    assert all(group["fused"] for opt in trainer.optimisers for group in opt.param_groups)
+    data, seen = make_data(), []
+    original = model.dictionary
+
+    def spy(name, *, frozen=False):
+        out = original(name, frozen=frozen)
+        if frozen:
+            seen.append(torch.equal(out, normalise_rows(model.coder(name).dictionary.detach())))
+        return out
+
+    model.dictionary = spy
+    for s in range(8):
+        trainer.train_step({n: x[32 * s:32 * (s + 1)] for n, x in data.items()})
+    assert seen and all(seen)

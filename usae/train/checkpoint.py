@@ -1,9 +1,10 @@
 """Trainer checkpoints: save the full training state atomically, list them, resume from the newest.
 
 A checkpoint is a directory ``step_XXXXXXXXX/`` holding ``model.safetensors``, ``trainer.safetensors``
-(optimiser moments, RNG state, firing counters, running R² sums) and ``state.json`` (step, schedule, data
-position, configs, history), written to a temporary directory and renamed, so a killed run never leaves a
-half-written "complete" checkpoint. Resuming restores all of it, so the run continues bit for bit.
+(optimiser moments, RNG state, firing counters, running R² sums, the history's per-step series) and
+``state.json`` (step, schedule, data position, configs, the history's log), written to a temporary
+directory and renamed, so a killed run never leaves a half-written "complete" checkpoint. Resuming restores
+all of it, so the run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -99,10 +100,13 @@ def _write(self: Trainer, tmp: Path) -> None:
             for key, value in slots.items():
                 tensors[f"optim.{j}.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors.update({f"r2.{k}": v for k, v in self.window.state().items()})
+    series, history = self.history.arrays()  # bounded (usae.train.history): constant cost per checkpoint
+    tensors.update({f"history.{k}": v for k, v in series.items()})
     save_file(tensors, str(tmp / "trainer.safetensors"))
     state = {"format": _FORMAT, "step": self.step, "picks": self.picks,
              "data": {"epoch": self.data_epoch, "batch": self.data_batch},
-             "param_groups": groups, "history": self.history.to_dict(), **_identity(self)}
+             "param_groups": groups, "history": history, "window_loss": list(self._window_loss),
+             **_identity(self)}
     (tmp / "state.json").write_text(json.dumps(state))
 
 
@@ -144,5 +148,14 @@ def resume(self: Trainer, folder: Path | None) -> Path | None:
     self.window.load_state({k[3:]: v for k, v in tensors.items() if k.startswith("r2.")})
     self.step, self.picks = state["step"], list(state["picks"])
     self.data_epoch, self.data_batch = state["data"]["epoch"], state["data"]["batch"]
-    self.history = TrainHistory.from_dict(state["history"])
+    series = {k[len("history."):]: v for k, v in tensors.items() if k.startswith("history.")}
+    # checkpoints of earlier versions hold the whole history as JSON
+    self.history = TrainHistory.from_arrays(series, state["history"]) if series else \
+        TrainHistory.from_dict(state["history"])
+    if "window_loss" in state:
+        total, count = state["window_loss"]
+    else:  # earlier versions: the history is complete and the window is the steps after the last log entry
+        tail = self.history.loss[self.history.log[-1].step if self.history.log else 0:]
+        total, count = sum(tail), len(tail)
+    self._window_loss = (float(total), int(count))
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,20 +48,27 @@ def dead_fractions(history: TrainHistory) -> dict[str, tuple[np.ndarray, np.ndar
 
 @dataclass(frozen=True)
 class Schedules:
-    """Learning rate per global step [T]: ``shared`` (ours: one schedule driven by the global step) and
-    ``per_model`` (name -> [T], the official per-model stepping: a model's scheduler advances only when it is
-    picked, so its cosine never finishes)."""
+    """Learning rate at the steps ``step`` [T] of a history: ``shared`` (ours: one schedule driven by the global
+    step) and ``per_model`` (name -> [T], the official per-model stepping: a model's scheduler advances only when
+    it is picked, so its cosine never finishes)."""
 
+    step: np.ndarray
     shared: np.ndarray
     per_model: dict[str, np.ndarray]
 
 
-def schedules(cfg: TrainConfig, chosen: Sequence[int] | np.ndarray, names: Sequence[str]) -> Schedules:
-    """Both learning-rate schedules of a run whose step t selected model ``names[chosen[t]]``."""
-    chosen = np.asarray(chosen)
-    shared = np.array([learning_rate(cfg, t) for t in range(len(chosen))])
-    per_model = {}
-    for i, name in enumerate(names):
-        picks = np.concatenate([[0], np.cumsum(chosen == i)[:-1]])
-        per_model[name] = np.array([learning_rate(cfg, int(p)) for p in picks])
-    return Schedules(shared, per_model)
+def schedules(cfg: TrainConfig, history: TrainHistory) -> Schedules:
+    """Both learning-rate schedules at the kept steps of a run (``history.picks``: each model's pick count
+    before the step; histories of earlier versions keep every step, whose ``model`` series gives the counts)."""
+    steps = np.asarray(history.step, dtype=np.int64)
+    if history.picks:
+        counts = np.asarray(history.picks, dtype=np.int64).reshape(len(steps), len(history.names))
+    elif history.complete:
+        chosen = np.asarray(history.model, dtype=np.int64)
+        onehot = chosen[:, None] == np.arange(len(history.names))[None, :]
+        counts = np.cumsum(onehot, axis=0) - onehot
+    else:
+        raise ValueError("schedules: this thinned history has no pick counts; it cannot give the per-model schedule")
+    shared = np.array([learning_rate(cfg, int(t)) for t in steps])
+    per_model = {n: np.array([learning_rate(cfg, int(c)) for c in counts[:, i]]) for i, n in enumerate(history.names)}
+    return Schedules(steps, shared, per_model)

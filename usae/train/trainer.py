@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 from tqdm.auto import tqdm
 
 from usae._checks import positive_int
@@ -41,6 +42,15 @@ from usae.train.checkpoint import list_checkpoints, resume, save_checkpoint
 from usae.train.history import LogEntry, TrainHistory
 
 __all__ = ["Trainer", "learning_rate"]
+
+def adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """One model's AdamW: torch's fused kernel (one pass over each tensor instead of about eight) where it
+    applies (float32 on CPU or CUDA), else the default implementation. Same formula; the roundings may differ
+    from the default implementation's in the last bit. The fused kernel does not bump the parameters' version
+    counters: ``Trainer.train_step`` does it after each step."""
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """LR at schedule position ``step``: warmup final_lr -> lr over warmup_steps, cosine to final_lr at steps."""
@@ -79,8 +89,7 @@ class Trainer:
         self.desc = desc  # the progress bar's label
         self.device = next(model.parameters()).device
         names, m = model.names, model.n_latents
-        self.optimisers = [torch.optim.AdamW(model.model_parameters(n), lr=config.lr,
-                                             weight_decay=config.weight_decay) for n in names]
+        self.optimisers = [adamw(model.model_parameters(n), config) for n in names]
         self.step = 0
         self.picks = [0] * len(names)                 # times each model was selected
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -88,7 +97,8 @@ class Trainer:
         self.window = R2Accumulator(names, model.dims)  # running R² since the last log
         self.data_epoch, self.data_batch = 0, 0
         self.history = TrainHistory.empty(names)
-        self._pending: list[tuple[int, int, float, Tensor]] = []
+        self._pending: list[tuple[int, int, float, tuple[int, ...], Tensor]] = []
+        self._window_loss = (0.0, 0)                    # (sum, count) of the step losses since the last log
         self._resumed = False
 
     # -- one step -----------------------------------------------------------------------------------------
@@ -164,6 +174,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_([p for p in model.model_parameters(n) if p.grad is not None],
                                                cfg.grad_clip)
             self.optimisers[j].step()
+            for p in model.model_parameters(n):  # the fused kernel leaves version counters as they were; the
+                increment_version(p)              # frozen-dictionary cache (UniversalSAE.dictionary) reads them
         with torch.no_grad():
             fired = torch.zeros(model.n_latents, dtype=torch.bool, device=self.device)
             fired[code.indices[code.values > 0]] = True
@@ -172,7 +184,7 @@ class Trainer:
             for j, n in enumerate(names):
                 self.window.update(i, j, x[n], recon[n])
             terms = torch.stack([loss] + [mains[n] for n in names] + [auxs[n] for n in names]).detach()
-        self._pending.append((self.step, i, lr_selected, terms))
+        self._pending.append((self.step, i, lr_selected, tuple(self.picks), terms))
         self.picks[i] += 1
         self.step += 1
         return i
@@ -181,32 +193,28 @@ class Trainer:
     def _flush(self) -> None:
         if not self._pending:
             return
-        values = torch.stack([p[3] for p in self._pending]).cpu().tolist()
-        h, names = self.history, self.model.names
-        for (step, i, lr, _), row in zip(self._pending, values, strict=True):
-            h.step.append(step)
-            h.model.append(i)
-            h.lr.append(lr)
-            h.loss.append(row[0])
-            for j, n in enumerate(names):
-                h.recon[n].append(row[1 + j])
-                h.aux[n].append(row[1 + len(names) + j])
+        values = torch.stack([p[-1] for p in self._pending]).cpu().tolist()
+        h, m = self.history, len(self.model.names)
+        for (step, i, lr, picks, _), row in zip(self._pending, values, strict=True):
+            h.append(step, i, lr, row[0], row[1:1 + m], row[1 + m:1 + 2 * m], picks)
+            self._window_loss = (self._window_loss[0] + row[0], self._window_loss[1] + 1)
         self._pending.clear()
 
     def _log(self) -> LogEntry:
         self._flush()
-        h, names = self.history, self.model.names
-        since = h.log[-1].step if h.log else 0
+        names = self.model.names
+        total, count = self._window_loss
         r2 = self.window.matrix("global")
         off = r2[~torch.eye(len(names), dtype=torch.bool)]
         off = off[torch.isfinite(off)]
         dead = (self.since_fire >= self.config.dead_after_tokens).cpu()
-        entry = LogEntry(step=self.step, loss=sum(h.loss[since:]) / max(1, self.step - since), r2=r2.tolist(),
+        entry = LogEntry(step=self.step, loss=total / max(1, count), r2=r2.tolist(),
                          r2_cross=off.mean().item() if off.numel() else float("nan"),
                          dead_fraction={n: dead[j].float().mean().item() for j, n in enumerate(names)},
                          dead_in_all=dead.all(0).float().mean().item())
-        h.log.append(entry)
+        self.history.add_log(entry)
         self.window.reset()
+        self._window_loss = (0.0, 0)
         return entry
 
     # -- data ---------------------------------------------------------------------------------------------
