@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[book,test]"
+	$(VPY) -m pip install -q -e ".[book,test,bench]"
 	$(VPY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 

@@ -6,6 +6,7 @@
     usae train --preset paper --images /data/imagenet --set train.checkpoint_every=10000
     usae train --config my_config.json --runs /scratch/runs --set train.steps=2000
     usae bench [--quick] [step|store|...]          # speed against references timed in the same run
+    usae bench --gpu-check [--dry-run]             # one command for a lent GPU: kernels, bf16, step, peers, m sweep
     usae book [--preset smoke]                     # execute every chapter and render the HTML book
     usae seeds --preset book --seeds 0-4 --jobs 2  # every chapter's claims per seed -> the seeds table
     usae r2 RUN                                    # the cross-model R² matrix of a trained run
@@ -123,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small shapes, for a fast check")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="device of the step entry (default: $USAE_BENCH_DEVICE or auto)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="instead of the entries: the GPU check (Triton kernels on CUDA, bf16, the step at the "
+                        "paper's shape, peers, an m sweep; about 8 minutes) -> <runs>/bench/gpu-check-*.json")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: tiny shapes, any device")
+    p.add_argument("--out", type=Path, default=None, help="with --gpu-check: the JSON file to write")
     text = "execute every chapter afresh and render the HTML book"
     p = sub.add_parser("book", help=text, description=text)
     p.add_argument("--output", type=Path, default=None, help="folder to hold _build/ (default: the repo root)")
@@ -147,6 +153,16 @@ def _bench(args: argparse.Namespace) -> int:
         if args.device == "cuda" and not torch_cuda_available():
             raise ValueError("--device cuda is not valid here: torch sees no CUDA device; use cpu or auto")
         os.environ["USAE_BENCH_DEVICE"] = args.device
+    if args.gpu_check:
+        if args.entries or args.quick:
+            raise ValueError("--gpu-check runs its own parts; it is not valid with entries or --quick")
+        from usae.perf.gpu_check import gpu_check
+
+        report = gpu_check(args.device or ("cpu" if args.dry_run else "cuda"), dry_run=args.dry_run, out=args.out)
+        print(report.summary())
+        return 0 if report.ok else 1
+    if args.dry_run or args.out is not None:
+        raise ValueError("--dry-run and --out are only valid with --gpu-check")
     from usae.perf.rows import format_table
     from usae.perf.runner import run
 

@@ -15,7 +15,7 @@ from torch import nn
 from usae.core.kernels import reference as ref
 from usae.core.kernels import torch_ops
 from usae.core.kernels.dense import masked_decode
-from usae.core.kernels.encoder import dense_pre, encoder_forward, gather_pre
+from usae.core.kernels.encoder import dense_pre, encoder_forward, encoder_topk, gather_pre
 from usae.core.kernels.groups import group_by_latent
 from usae.core.kernels.select import topk_indices
 from usae.core.sparse import SparseCode, sparse_decode, sparse_decode_many
@@ -286,3 +286,51 @@ def test_masked_decode_matches_autograd_and_skips_frozen():
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match=r"weights\[0\] has shape"):
         masked_decode(pre, mask, [torch.zeros(8, 2, dtype=torch.float64)])
+
+
+# -- reused scratch tensors ---------------------------------------------------------------------------------
+def test_scratch_reuses_one_growing_buffer_per_key_and_row_dots_is_exact():
+    from usae.core.kernels.scratch import clear_scratch, row_dots, scratch
+
+    clear_scratch()
+    like = torch.zeros(1)
+    big = scratch("t", (6, 5), like)
+    small = scratch("t", (2, 3), like)  # a smaller shape is a view of the same storage
+    assert small.data_ptr() == big.data_ptr() and small.shape == (2, 3)
+    assert scratch("t", (6, 5), like).data_ptr() == big.data_ptr()
+    assert scratch("u", (2, 3), like).data_ptr() != big.data_ptr()  # keys do not share
+    assert scratch("t", (2, 3), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    a, b = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    torch.testing.assert_close(row_dots(a, b), (a * b).sum(1))
+    clear_scratch()
+
+
+# -- the blocked encoder + TopK ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["batchnorm", "linear"])
+def test_blocked_encoder_topk_matches_the_full_pass(kind):
+    linear, bn = _encoder(kind, d=7, m=30)
+    twin = copy.deepcopy((linear, bn))
+    x = torch.randn(23, 7, generator=torch.Generator().manual_seed(3))
+    full = encoder_forward(linear, bn, x)
+    cols = torch.tensor([3, 17, 29])
+    got = encoder_topk(*twin, x, 4, columns=cols, block_rows=5)  # 5 blocks, the last one short
+    assert got.enc.pre is None and got.indices.shape == (23, 4)
+    assert torch.equal(got.indices.sort(1).values, topk_indices(full.pre, 4).sort(1).values)
+    torch.testing.assert_close(got.values, full.pre.gather(1, got.indices))
+    torch.testing.assert_close(got.columns_pre, full.pre[:, cols])
+    if bn is not None:  # the running statistics are updated once, alike
+        torch.testing.assert_close(twin[1].running_var, bn.running_var)
+    g, gc = torch.randn(23, 4), torch.randn(23, 3)
+    ((gather_pre(full, got.indices) * g).sum() + (dense_pre(full, cols) * gc).sum()).backward()
+    ((gather_pre(got.enc, got.indices, values=got.values) * g).sum()
+     + (dense_pre(got.enc, cols, got.columns_pre) * gc).sum()).backward()
+    for want, have in zip(_grads(linear, bn), _grads(*twin), strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+    every = encoder_topk(*copy.deepcopy((linear, bn)), x, 4, all_columns=True, block_rows=64)
+    torch.testing.assert_close(every.columns_pre, full.pre)
+    with pytest.raises(ValueError, match="kept no pre-activations"):
+        gather_pre(got.enc, got.indices)
+    with pytest.raises(ValueError, match="kept no pre-activations"):
+        dense_pre(got.enc, cols)
+    with pytest.raises(ValueError, match="block_rows = 0"):
+        encoder_topk(*twin, x, 4, block_rows=0)

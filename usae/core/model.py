@@ -31,8 +31,9 @@ from torch.autograd.function import once_differentiable
 
 from usae._checks import positive_int
 from usae._io import atomic_write
-from usae.core.kernels.encoder import dense_pre, encoder_forward, gather_pre
+from usae.core.kernels.encoder import dense_pre, encoder_forward, encoder_topk, gather_pre
 from usae.core.kernels.groups import group_by_latent
+from usae.core.kernels.scratch import row_dots
 from usae.core.kernels.select import topk_indices
 from usae.core.sparse import SparseCode, sparse_decode_many, topk_encode
 
@@ -61,8 +62,8 @@ class _NormaliseRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         # d/dw [w s(||w||)] · g = s g − w (s² / ||w||) (w·g), s = 1/(||w|| + eps); rows with w = 0 get s g
         weight, norm, scale = ctx.saved_tensors
-        coef = torch.where(norm > 0, scale.square() / norm, 0.0) * torch.linalg.vecdot(weight, grad).unsqueeze(1)
-        return (grad * scale).sub_(weight * coef), None
+        coef = torch.where(norm > 0, scale.square() / norm, 0.0) * row_dots(weight, grad).unsqueeze(1)
+        return (grad * scale).addcmul_(weight, coef, value=-1), None
 
 
 def normalise_rows(weight: Tensor, eps: float = 1e-8) -> Tensor:
@@ -213,27 +214,33 @@ class UniversalSAE(nn.Module):
 
         The dense pre-activations are computed without autograd (BatchNorm folded into one GEMM, its running
         statistics updated); the TopK code backpropagates into the encoder through an exact sparse backward
-        with no [N, m] gradient. With ``dead`` ([m] bool) the result also holds ``dead_pre = pre[:, columns]``
-        [N, C] and ``dead_columns`` [C] for the C dead latents (both None when there are none), with a dense
-        backward restricted to those columns (for AuxK). ``out``: an [N, m] float32 buffer to reuse; ``bf16``:
-        bfloat16 encoder GEMM (CUDA only).
+        with no [N, m] gradient. On CPU (not bf16) the encoder and TopK run in row blocks (``encoder_topk``),
+        so the [N, m] pre-activations never exist at once. With ``dead`` ([m] bool) the result also holds
+        ``dead_pre = pre[:, columns]`` [N, C] and ``dead_columns`` [C] for the C dead latents (both None when
+        there are none), with a dense backward restricted to those columns (for AuxK). ``out``: an [N, m]
+        float32 buffer to reuse (GPU path); ``bf16``: bfloat16 encoder GEMM (CUDA only).
         """
         self.check_input(name, x)
         coder = self.coder(name)
-        enc = encoder_forward(coder.linear, coder.bn, x, out=out, bf16=bf16)
-        indices = topk_indices(enc.pre, self.k)
-        groups = group_by_latent(indices, self.n_latents)
-        code = SparseCode(F.relu(gather_pre(enc, indices, groups)), indices, self.n_latents)
-        code.use_groups(groups)  # shared by the encoder's and the decoders' backward
-        if dead is None:
-            return TrainEncoding(code)
-        if dead.shape != (self.n_latents,) or dead.dtype != torch.bool:
+        if dead is not None and (dead.shape != (self.n_latents,) or dead.dtype != torch.bool):
             raise ValueError(f"encode_train: dead must be bool [{self.n_latents}], got {dead.dtype} "
                              f"{tuple(dead.shape)}")
-        columns = dead.nonzero().squeeze(1)
-        if columns.numel() == 0:
+        columns = None if dead is None else dead.nonzero().squeeze(1)
+        every = columns is not None and columns.numel() == self.n_latents
+        if x.device.type == "cpu" and not bf16:  # blocked: the [N, m] pre-activations never exist at once
+            some = columns is not None and 0 < columns.numel() < self.n_latents
+            got = encoder_topk(coder.linear, coder.bn, x, self.k, columns=columns if some else None,
+                               all_columns=every)
+            enc, indices, values, kept = got.enc, got.indices, got.values, got.columns_pre
+        else:
+            enc = encoder_forward(coder.linear, coder.bn, x, out=out, bf16=bf16)
+            indices, values, kept = topk_indices(enc.pre, self.k), None, None
+        groups = group_by_latent(indices, self.n_latents)
+        code = SparseCode(F.relu(gather_pre(enc, indices, groups, values)), indices, self.n_latents)
+        code.use_groups(groups)  # shared by the encoder's and the decoders' backward
+        if columns is None or columns.numel() == 0:
             return TrainEncoding(code)
-        return TrainEncoding(code, dense_pre(enc, None if columns.numel() == self.n_latents else columns), columns)
+        return TrainEncoding(code, dense_pre(enc, None if every else columns, kept), columns)
 
     def encode_pre_train(self, name: str, x: Tensor, *, bf16: bool = False) -> Tensor:
         """Training-mode pre-activations [N, m] with the fused encoder's exact backward (dense gradient; for

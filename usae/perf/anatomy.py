@@ -26,7 +26,6 @@ from usae.perf.timing import (
     random_batch,
     resolve_device,
     sync,
-    warmup_batch,
 )
 
 # ---------------------------------------------------------------------------------------------- parts of a step
@@ -126,7 +125,7 @@ def time_parts(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATE
         if impl == "reference":
             ref = OfficialReference(dims, n_latents, k, aux=aux != "none", device=device)
             step: Callable[[], object] = lambda ref=ref: ref.step(batch, i)  # noqa: E731
-            ref.step(warmup_batch(batch, device), i)
+            step()
         else:
             ours = OurStep(dims, n_latents, k, aux, device, selected)
             step = lambda ours=ours: ours(batch)  # noqa: E731

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import torch
-
 from usae.config import runs_dir
-from usae.perf import cam, data, stats, step
+from usae.perf import cam, data, peers, stats, step
 from usae.perf.rows import Row
 
 # the entries, in the order ``usae bench`` runs them: name -> fn(quick) -> rows
@@ -23,6 +20,7 @@ ENTRIES: dict[str, Callable[[bool], list[Row]]] = {
     "extract": data.extract_entry,
     "store": data.store_entry,
     "step": step.step_entry,
+    "peers": peers.peers_entry,
     "stats": stats.stats_entry,
     "cam": cam.bench_cam,
 }
@@ -41,9 +39,7 @@ def run(names: list[str] | None = None, quick: bool = False) -> list[Row]:
     out = runs_dir() / "bench"
     out.mkdir(parents=True, exist_ok=True)
     record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "quick": quick,
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+              "machine": step.device_info(),
               "rows": rows}
     stamp = record["time"].replace(":", "").replace("-", "")
     for path in (out / f"{stamp}.json", out / "latest.json"):

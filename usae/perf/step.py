@@ -2,27 +2,31 @@
 
 The reference is the official code's step, ``usae.perf.reference.OfficialReference``.
 
-Ours is whatever ``usae.train.trainer.Trainer(...).train_step`` does, timed through the public API. Both are timed
-in the same process at the paper's shape (M = 3 models of widths 384/768/768, m = 6144, k = 32, B = 6272
-tokens), median of several repetitions after warm-up. The selected model is fixed to a 768-wide one
-(``siglip``): the widest encoder, where our step is slowest relative to the reference, so the ratios are
-the conservative ones.
+Ours is whatever ``usae.train.trainer.Trainer(...).train_step`` does, timed through the public API. Every
+variant is built in one process at the paper's shape (M = 3 models of widths 384/768/768, m = 6144, k = 32,
+B = 6272 tokens) and timed by ``usae.perf.timing.interleaved``: two warm-up steps each on the full batch, then
+``samples`` (>= 5) interleaved timed steps of every variant; each row carries the median, the spread (fastest,
+slowest), the number of samples and the quiet-machine guard (a row taken while other processes used more than
+0.2 cores is marked noisy, not a result). The selected model is fixed to a 768-wide one (``siglip``): the
+widest encoder, where our step is slowest relative to the reference, so the ratios are the conservative ones.
 
 Rows (ratios read "ours is this many times better"):
 
 1. same loss without the auxiliary term: ours vs reference, target 5;
 2. the official auxiliary loss in both: target 2;
 3. ours with Gao et al. AuxK (k_aux = 512, 10 % of the latents dead) against the reference with the official
-   auxiliary loss: target 10; the worst case (every latent dead) is reported too, held to target 2;
-4. our step (no aux) against the dense encoder GEMMs alone (``X Wᵀ`` then ``Gᵀ X``): at most 1.3x, i.e.
-   ratio GEMM / step >= 1/1.3;
+   auxiliary loss: target 10; the worst case (every latent dead) is timed and reported too, held to target 2;
+4. the floor (``usae.perf.timing.step_floor``: the forward GEMM ``X Wᵀ`` into a reused buffer plus our sparse
+   kernels' own work for a random k-sparse code, no TopK, no BatchNorm, no optimizer) against our no-aux step:
+   the step should cost at most 1.3x the floor, i.e. ratio floor / step >= 1/1.3;
 5. tokens/s of ``Trainer.fit`` over an on-disk ``ActivationStore`` (data loading included, no aux, random
    model choice) against the bare ``train_step`` over the same picks from memory: within 15 %.
 
-``--quick`` uses B = 1568 tokens (8 images) and fewer repetitions. On CUDA the entry also reports tokens/s
+``--quick`` uses B = 1568 tokens (8 images) and fewer fit steps. On CUDA the entry also reports tokens/s
 and sweeps m from 6144 to 65536. ``usae bench step [--quick] [--device cpu|cuda]`` runs this entry alone
 (and writes the JSON like ``make bench``); ``make bench`` picks CUDA when one is available (``--device`` or
-``USAE_BENCH_DEVICE`` overrides).
+``USAE_BENCH_DEVICE`` overrides). Single-model comparisons with other TopK SAE libraries are the ``peers``
+entry (``usae.perf.peers``).
 
 For the performance chapter (with ``usae.perf.anatomy``'s ``step_flops`` and ``time_parts``):
 ``scaling_sweep`` (time vs B, m, M), ``chapter_settings`` and ``device_info``.
@@ -44,6 +48,7 @@ from usae.perf.timing import (
     PAPER_DIMS,
     PAPER_K,
     PAPER_LATENTS,
+    Timings,
     fit_vs_step,
     measure_steps,
     resolve_device,
@@ -77,10 +82,9 @@ def scaling_sweep(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_L
     for vary, value, ds, m, b in tqdm(points, desc="scaling sweep", disable=not progress):
         key = (tuple(ds.items()), m, b)
         if key not in cache:
-            record: dict[str, Any] = {}
-            measure_steps(ds, m, k, b, device=device, selected=next(iter(_models(1, ds))), repeats=repeats,
-                          warmup=warmup, variants=(f"ref_{aux}", f"ours_{aux}"), progress=False, record=record)
-            cache[key] = record["fastest"]
+            got = measure_steps(ds, m, k, b, device=device, selected=next(iter(_models(1, ds))), samples=repeats,
+                                warmup=warmup, variants=(f"ref_{aux}", f"ours_{aux}"), progress=False)
+            cache[key] = {name: t.spread[0] for name, t in got.sides.items()}
         rows += [{"vary": vary, "value": value, "impl": impl, "seconds": cache[key][f"{tag}_{aux}"]}
                  for impl, tag in (("reference", "ref"), ("ours", "ours"))]
     return rows
@@ -101,54 +105,57 @@ def sweep_growth(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- bench rows
-def step_rows(times: Mapping[str, float], fit: Mapping[str, float] | None, shape: str) -> list[Row]:
-    """The entry's five rows from ``measure_steps`` times and a ``fit_vs_step`` result."""
+def step_rows(times: Timings, fit: Mapping[str, float] | None, shape: str) -> list[Row]:
+    """The entry's rows from a ``measure_steps`` result (median, spread, samples and the noise guard in each
+    row) and a ``fit_vs_step`` result."""
+
+    def pair(what: str, ours: str, ref: str, target: float | None) -> Row:
+        a, b = times.sides[ours], times.sides[ref]
+        return row("step", what, a.median, b.median, "s", b.median / a.median, target, ours_spread=a.spread,
+                   reference_spread=b.spread, samples=min(len(a.samples), len(b.samples)), noisy=times.noisy)
 
     rows = [
-        row("step", f"no aux: ours vs official ({shape})", times["ours_none"], times["ref_none"], "s",
-            times["ref_none"] / times["ours_none"], 5.0),
-        row("step", f"official aux: ours vs official ({shape})", times["ours_official"], times["ref_official"], "s",
-            times["ref_official"] / times["ours_official"], 2.0),
-        row("step", f"ours AuxK-512, 10% dead, vs official+aux ({shape})", times["ours_auxk"], times["ref_official"],
-            "s", times["ref_official"] / times["ours_auxk"], 10.0),
-        row("step", f"no-aux step vs enc fwd+wgrad GEMM ({shape})", times["ours_none"], times["gemm"], "s",
-            times["gemm"] / times["ours_none"], 1 / 1.3),
+        pair(f"no aux: ours vs official ({shape})", "ours_none", "ref_none", 5.0),
+        pair(f"official aux: ours vs official ({shape})", "ours_official", "ref_official", 2.0),
+        pair(f"ours AuxK-512, 10% dead, vs official+aux ({shape})", "ours_auxk", "ref_official", 10.0),
+        # floor / step >= 1/1.3: the step costs at most 1.3x the forward GEMM plus our sparse kernels alone
+        pair(f"floor (fwd GEMM + sparse kernels) / no-aux step ({shape})", "ours_none", "floor", 1 / 1.3),
     ]
-    if "ours_auxk_all" in times:  # worst case: every latent dead; held to the official-aux row's target
-        rows.append(row("step", f"ours AuxK-512, all dead, vs official+aux ({shape})", times["ours_auxk_all"],
-                        times["ref_official"], "s", times["ref_official"] / times["ours_auxk_all"], 2.0))
+    if "ours_auxk_all" in times.sides:  # worst case: every latent dead; held to the official-aux row's target
+        rows.insert(3, pair(f"ours AuxK-512, all dead, vs official+aux ({shape})", "ours_auxk_all", "ref_official",
+                            2.0))
     if fit is not None:
         rows.append(row("step", f"Trainer.fit on store vs bare step ({shape})", fit["fit_tokens_per_s"],
-                        fit["step_tokens_per_s"], "tok/s", fit["fit_tokens_per_s"] / fit["step_tokens_per_s"], 0.85))
+                        fit["step_tokens_per_s"], "tok/s", fit["fit_tokens_per_s"] / fit["step_tokens_per_s"], 0.85,
+                        noisy=times.noisy))
     return rows
 
 
 def bench_step(quick: bool = False, device: str | torch.device | None = None, *,
                dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATENTS, k: int = PAPER_K,
-               batch_size: int | None = None, repeats: int | None = None, fit_steps: int | None = None,
+               batch_size: int | None = None, samples: int = 5, fit_steps: int | None = None,
                latents_sweep: Sequence[int] | None = None, progress: bool = False) -> list[Row]:
-    """All rows of the ``step`` entry. ``quick``: B = 1568 (8 images), 2 repetitions, 3 fit steps; full:
-    B = 6272, 5 repetitions of ours and 3 of the reference, 4 fit steps (each fit timed twice). On CUDA also
-    tokens/s rows and a sweep over ``latents_sweep`` (default 6144 ... 65536)."""
+    """All rows of the ``step`` entry: every variant warmed up twice on the full batch, then ``samples`` (>= 5)
+    interleaved timed steps. ``quick``: B = 1568 (8 images) and 3 fit steps; full: B = 6272 and 4 fit steps
+    (each fit timed twice). On CUDA also tokens/s rows and a sweep over ``latents_sweep`` (default 6144 ...
+    65536)."""
     device = resolve_device(device)
     b = batch_size or (PAPER_BATCH // 4 if quick else PAPER_BATCH)
-    reps = repeats or (2 if quick else 5)
     shape = f"B={b}, m={n_latents}, M={len(dims)}, {device.type}"
-    evidence: dict[str, Any] = {}
-    times = measure_steps(dims, n_latents, k, b, device=device, repeats=reps,
-                          reference_repeats=repeats or (2 if quick else 3), progress=progress, record=evidence)
+    times = measure_steps(dims, n_latents, k, b, device=device, samples=samples, progress=progress)
     fit = fit_vs_step(dims, n_latents, k, b, fit_steps or (3 if quick else 4), device=device)
     rows = step_rows(times, fit, shape)
+    medians = times.medians()
     for r in rows:
         r["detail"] = {"selected": max(dims, key=lambda n: dims[n]), "dims": dict(dims), "k": k,
-                       "repeats": reps, "times": dict(times), "fit": fit, "machine": evidence}
+                       "samples": {n: t.samples for n, t in times.sides.items()}, "fit": fit,
+                       "other_cores": times.other_cores}
     if device.type == "cuda":
-
         for tag in ("none", "official"):
-            rows.append(row("step", f"tokens/s, {tag} aux ({shape})", b / times[f"ours_{tag}"],
-                            b / times[f"ref_{tag}"], "tok/s", times[f"ref_{tag}"] / times[f"ours_{tag}"], None))
+            rows.append(row("step", f"tokens/s, {tag} aux ({shape})", b / medians[f"ours_{tag}"],
+                            b / medians[f"ref_{tag}"], "tok/s", medians[f"ref_{tag}"] / medians[f"ours_{tag}"], None))
         sweep = scaling_sweep(dims, n_latents, k, b, latents=latents_sweep or (6144, 12288, 24576, 49152, 65536),
-                              aux="official", device=device, repeats=reps, progress=progress)
+                              aux="official", device=device, repeats=samples, progress=progress)
         for m in sorted({r["value"] for r in sweep}):
             t = {r["impl"]: r["seconds"] for r in sweep if r["value"] == m}
             rows.append(row("step", f"m={m}, official aux, B={b}, cuda", t["ours"], t["reference"], "s",
@@ -160,21 +167,27 @@ def bench_step(quick: bool = False, device: str | torch.device | None = None, *,
 def chapter_settings(preset: str) -> dict[str, Any]:
     """Shapes and repetitions of the performance chapter for a preset.
 
-    ``smoke``: tiny shapes, one repetition (seconds; speed-ups need not show). ``book``: the paper's shape
-    for the step benchmark with few repetitions, the sweep around B = 784 (a few minutes on 2 CPU cores).
-    ``paper``: as ``book`` with the bench's repetitions and the sweep around B = 6272.
+    Every preset times 5 interleaved samples of every side (``samples``) after the same ``warmup`` steps for
+    every side (1; 2 at ``paper``, as ``make bench``). ``smoke``: tiny shapes (seconds;
+    speed-ups need not show). ``book``: the paper's shape for the step benchmark, the sweep around B = 784 and
+    the peers at B = 1568 without the memory probe (a few minutes on 2 CPU cores). ``paper``: the sweep around
+    B = 6272 and the peers at B = 6272 with memory.
     """
     if preset == "smoke":
-        return {"dims": {"a": 32, "b": 64, "c": 64}, "n_latents": 512, "k": 8, "batch_size": 256, "repeats": 1,
-                "reference_repeats": 1, "fit_steps": 2, "sweep_batch": 128, "batch_sizes": (64, 128, 256),
-                "latents": (256, 512, 1024), "n_models": (1, 2, 3, 4)}
+        return {"dims": {"a": 32, "b": 64, "c": 64}, "n_latents": 512, "k": 8, "batch_size": 256, "samples": 5,
+                "warmup": 1,
+                "fit_steps": 2, "sweep_batch": 128, "batch_sizes": (64, 128, 256),
+                "latents": (256, 512, 1024), "n_models": (1, 2, 3, 4),
+                "peer_dim": 64, "peer_widths": (512, 2048), "peer_batch": 256, "peer_memory": False}
     if preset in ("book", "paper"):
         paper = preset == "paper"
         base = PAPER_BATCH if paper else PAPER_BATCH // 8
         return {"dims": dict(PAPER_DIMS), "n_latents": PAPER_LATENTS, "k": PAPER_K, "batch_size": PAPER_BATCH,
-                "repeats": 5 if paper else 2, "reference_repeats": 3 if paper else 1, "fit_steps": 4 if paper else 3,
+                "samples": 5, "warmup": 2 if paper else 1, "fit_steps": 4 if paper else 3,
                 "sweep_batch": base, "batch_sizes": (base // 2, base, base * 2),
-                "latents": (3072, 6144, 12288), "n_models": (1, 2, 3, 4)}
+                "latents": (3072, 6144, 12288), "n_models": (1, 2, 3, 4),
+                "peer_dim": 768, "peer_widths": (6144, 24576), "peer_batch": PAPER_BATCH if paper else PAPER_BATCH // 4,
+                "peer_memory": paper}
     raise ValueError(f"preset = {preset!r} is not valid; expected 'smoke', 'book' or 'paper'")
 
 

@@ -1,7 +1,10 @@
 """Timing one USAE training step: ours (``Trainer.train_step``) against the official step
-(``usae.perf.reference``) and the encoder's dense GEMMs, at the paper's shape, in one process.
+(``usae.perf.reference``) and the floor (the forward GEMM plus our sparse kernels), at the paper's shape, in
+one process.
 
-``measure_steps`` times every variant in interleaved rounds (medians, fastest runs, CPU times, machine load);
+``interleaved`` is the one fair harness of ``usae bench``: the same warm-up for every side, interleaved timed
+samples, and a quiet-machine guard (the other processes' CPU use during the samples; above
+``NOISE_LIMIT_CORES`` the run is "noisy, not a result"). ``measure_steps`` times the step variants with it;
 ``fit_vs_step`` compares ``Trainer.fit`` over an on-disk store with the bare step. Used by the ``step`` bench
 entry (``usae.perf.step``), the step anatomy and chapter 10.
 """
@@ -15,6 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,91 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
+# ---------------------------------------------------------------------------------------------- fair rounds
+NOISE_LIMIT_CORES = 0.2  # other processes' mean CPU use above which a timing run is "noisy, not a result"
+# /proc/stat counts in ticks of 1/100 s: over less timed wall time than this, one stray tick reads as a
+# tenth of a core or more, so the guard cannot tell quiet from busy (``noisy`` is None)
+GUARD_MIN_SECONDS = 2.0
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (``/proc/stat``; None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timing:
+    """One side of an interleaved measurement: wall seconds of each timed sample, and the CPU cores that other
+    processes used during each sample (NaN where the machine does not tell)."""
+
+    samples: list[float]
+    other_cores: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """(fastest, slowest) sample."""
+        return min(self.samples), max(self.samples)
+
+
+@dataclass
+class Timings:
+    """An interleaved measurement of several sides: ``sides`` name -> Timing; ``other_cores``: the other
+    processes' mean CPU use over all timed samples (time-weighted; from ``/proc/stat`` at 1/100 s resolution, so
+    a single short sample is coarse but the mean is not); ``noisy``: it exceeded ``NOISE_LIMIT_CORES``, so the
+    run is not a result (None where the machine does not tell, or where the timed samples add up to less than
+    ``GUARD_MIN_SECONDS``: too short for the tick counts to tell)."""
+
+    sides: dict[str, Timing]
+    other_cores: float
+    noisy: bool | None
+
+    def medians(self) -> dict[str, float]:
+        return {n: t.median for n, t in self.sides.items()}
+
+
+def interleaved(calls: Mapping[str, Callable[[], object]], samples: int = 5, warmup: int = 2, *,
+                device: str | torch.device = "cpu", progress: bool = False, desc: str = "timing") -> Timings:
+    """Time every call the same way: ``warmup`` untimed calls each, then ``samples`` rounds of one timed call of
+    each side in turn (so that a change of load hits all sides alike), recording each sample's wall time and the
+    CPU that other processes used meanwhile (all CPU time of the machine minus this process's)."""
+    if samples < 1 or warmup < 0:
+        raise ValueError(f"interleaved: samples = {samples}, warmup = {warmup} are not valid; expected samples >= 1 "
+                         "and warmup >= 0")
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    sync(device)
+    sides = {name: Timing([], []) for name in calls}
+    busy_total, wall_total = 0.0, 0.0
+    with tqdm(total=samples * len(calls), desc=desc, disable=not progress) as bar:
+        for _ in range(samples):
+            for name, call in calls.items():
+                busy0, own0 = _busy_seconds(), time.process_time()
+                start = time.perf_counter()
+                call()
+                sync(device)
+                wall = time.perf_counter() - start
+                own, busy1 = time.process_time() - own0, _busy_seconds()
+                other = float("nan") if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - own)
+                sides[name].samples.append(wall)
+                sides[name].other_cores.append(other / wall if wall > 0 else float("nan"))
+                busy_total, wall_total = busy_total + other, wall_total + wall
+                bar.update(1)
+    mean = busy_total / wall_total if wall_total > 0 else float("nan")
+    known = not math.isnan(mean) and wall_total >= GUARD_MIN_SECONDS
+    return Timings(sides, mean, bool(mean > NOISE_LIMIT_CORES) if known else None)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"``: CUDA when available, else CPU; ValueError for a CUDA request without a GPU."""
     if device is None or device == "auto":
@@ -74,14 +163,6 @@ def random_batch(dims: Mapping[str, int], batch_size: int, device: str | torch.d
     """Aligned standard-normal rows {name: [batch_size, d]}."""
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.randn(batch_size, d, generator=gen).to(device) for n, d in dims.items()}
-
-
-def warmup_batch(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """What the reference's warm-up steps run on: on CPU the first 512 rows (it creates the AdamW state and
-    the threads as well as a full batch would, for a fraction of the time: the reference keeps no buffer that
-    depends on B); on CUDA the full batch (kernel selection depends on the shapes). Our step warms up on the
-    full batch everywhere: the trainer keeps a [B, m] workspace that the first full-size step allocates."""
-    return dict(batch) if device.type == "cuda" else {n: x[:512] for n, x in batch.items()}
 
 
 def _pick_seed(n_models: int, i: int) -> int:
@@ -126,89 +207,73 @@ class OurStep:
             raise RuntimeError(f"the trainer picked model {got}, expected {self.i}; its model choice changed")
 
 
-def encoder_gemm(batch_size: int, dim: int, n_latents: int, device: torch.device) -> Callable[[], None]:
-    """The dense GEMMs every step needs at least: ``X Wᵀ`` [B, m] then the weight gradient ``Gᵀ X`` [m, d]."""
+def step_floor(dims: Mapping[str, int], selected: str, n_latents: int, k: int, batch_size: int,
+               device: torch.device) -> Callable[[], None]:
+    """What any sparse step of this shape must at least do, with our sparse kernels alone (the floor row):
+    the selected encoder's forward GEMM ``X Wᵀ`` into a reused [B, m] buffer, then, for a random k-sparse
+    code, the grouping of its entries by latent, the decode into every model, the gradient of the k values from
+    every model, and the weight gradients of the selected decoder and encoder (segmented row sums). No TopK,
+    no BatchNorm statistics, no optimizer, no loss: the gap between a step and this is their cost."""
+    from usae.core.kernels.groups import group_by_latent
+    from usae.core.kernels.torch_ops import gather_sum, row_pattern, sampled_dots, segment_rows
+
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, dim, generator=gen).to(device)
-    w = torch.randn(n_latents, dim, generator=gen).to(device)
-    g = torch.randn(batch_size, n_latents, generator=gen).to(device)
+    x = {n: torch.randn(batch_size, d, generator=gen).to(device) for n, d in dims.items()}
+    grads = {n: torch.randn(batch_size, d, generator=gen).to(device) for n, d in dims.items()}
+    tables = {n: torch.randn(n_latents, d, generator=gen).to(device) for n, d in dims.items()}
+    weight = torch.randn(n_latents, dims[selected], generator=gen).to(device)
+    indices = torch.rand(batch_size, n_latents, generator=gen).topk(k, dim=1).indices.to(device)
+    values = torch.rand(batch_size, k, generator=gen).to(device)
+    buf = torch.empty(batch_size, n_latents, device=device)
+    names = list(dims)
 
     def run() -> None:
-        x @ w.t()
-        g.t() @ x
+        torch.mm(x[selected], weight.t(), out=buf)
+        groups = group_by_latent(indices, n_latents)
+        gather_sum(values, indices, [tables[n] for n in names])
+        g = sampled_dots(row_pattern(indices, n_latents), [grads[n] for n in names], [tables[n] for n in names])
+        segment_rows(groups.offsets, groups.tokens, groups.gather(values), grads[selected])
+        segment_rows(groups.offsets, groups.tokens, groups.gather(g), x[selected])
 
     return run
 
 
 # ---------------------------------------------------------------------------------------------- measurements
+STEP_VARIANTS = ("ref_none", "ref_official", "ours_none", "ours_official", "ours_auxk", "ours_auxk_all", "floor")
+
+
 def measure_steps(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATENTS, k: int = PAPER_K,
                   batch_size: int = PAPER_BATCH, *, device: str | torch.device | None = "cpu",
-                  selected: str | None = None, repeats: int = 3, reference_repeats: int | None = None,
-                  warmup: int = 1, variants: Sequence[str] = ("ref_none", "ref_official", "ours_none",
-                                                              "ours_official", "ours_auxk", "ours_auxk_all",
-                                                              "gemm"),
-                  progress: bool = True, record: dict[str, Any] | None = None) -> dict[str, float]:
-    """Median seconds per step of each variant, timed in one process on the same batch.
+                  selected: str | None = None, samples: int = 5, warmup: int = 2,
+                  variants: Sequence[str] = STEP_VARIANTS, progress: bool = True) -> Timings:
+    """Seconds per step of each variant, timed in one process on the same batch by ``interleaved``: every
+    variant gets the same ``warmup`` steps on the full batch and ``samples`` timed steps in interleaved rounds.
 
     ``ref_*``: the official step (aux ``none``/``official``); ``ours_*``: ``Trainer.train_step`` (aux
-    ``none``/``official``/``auxk``); ``gemm``: the encoder's forward and weight-gradient GEMMs alone. The
-    selected model is ``selected`` (default: the widest one) for every variant. All variants are built and
-    warmed up first, then timed in interleaved rounds (one call of each per round), so that a change in the
-    load of a shared machine affects them alike; the reference variants take part in the first
-    ``reference_repeats`` rounds only. ``record`` (a dict) receives the evidence of how busy the machine was:
-    the 1-minute load average before and after, and per variant the fastest wall time and the median process
-    CPU time (all threads; below the wall time x threads when other work held the cores).
+    ``none``/``official``/``auxk``, ``auxk_all`` with every latent dead); ``floor``: ``step_floor``. The
+    selected model is ``selected`` (default: the widest one) for every variant.
     """
     device = resolve_device(device)
     selected = selected or max(dims, key=lambda n: dims[n])
     i = list(dims).index(selected)
     batch = random_batch(dims, batch_size, device)
-    small = warmup_batch(batch, device)
-    ref_repeats = reference_repeats or repeats
     calls: dict[str, Callable[[], object]] = {}
     for name in variants:
         torch.manual_seed(0)
         if name.startswith("ref_") and name[4:] in ("none", "official"):
             ref = OfficialReference(dims, n_latents, k, aux=name == "ref_official", device=device)
-            for _ in range(warmup):
-                ref.step(small, i)
             calls[name] = lambda ref=ref: ref.step(batch, i)
         elif name.startswith("ours_") and name[5:] in ("none", "official", "auxk", "auxk_all"):
             if name == "ours_auxk_all":  # the worst case of AuxK: every latent dead
                 ours = OurStep(dims, n_latents, k, "auxk", device, selected, dead_fraction=1.0)
             else:
                 ours = OurStep(dims, n_latents, k, name[5:], device, selected)
-            for _ in range(warmup):
-                ours(batch)
             calls[name] = lambda ours=ours: ours(batch)
-        elif name == "gemm":
-            calls[name] = encoder_gemm(batch_size, dims[selected], n_latents, device)
-            for _ in range(warmup):
-                calls[name]()
+        elif name == "floor":
+            calls[name] = step_floor(dims, selected, n_latents, k, batch_size, device)
         else:
-            raise ValueError(f"variant {name!r} is not valid; expected ref_none, ref_official, ours_none, "
-                             "ours_official, ours_auxk, ours_auxk_all or gemm")
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    load_before = os.getloadavg()[0]
-    rounds = max(repeats, ref_repeats if any(n.startswith("ref_") for n in calls) else 0)
-    with tqdm(total=sum(ref_repeats if n.startswith("ref_") else repeats for n in calls), desc="step timings",
-              disable=not progress) as bar:
-        for r in range(rounds):
-            for name, call in calls.items():
-                if r < (ref_repeats if name.startswith("ref_") else repeats):
-                    sync(device)
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    call()
-                    sync(device)
-                    samples[name].append(time.perf_counter() - start)
-                    cpu[name].append(time.process_time() - start_cpu)
-                    bar.update(1)
-    if record is not None:
-        record.update({"load_before": load_before, "load_after": os.getloadavg()[0],
-                       "fastest": {n: min(v) for n, v in samples.items()},
-                       "cpu_median": {n: statistics.median(v) for n, v in cpu.items()}})
-    return {name: statistics.median(v) for name, v in samples.items()}
+            raise ValueError(f"variant {name!r} is not valid; expected one of {list(STEP_VARIANTS)}")
+    return interleaved(calls, samples, warmup, device=device, progress=progress, desc="step timings")
 
 
 def _write_store(path: Path, dims: Mapping[str, int], n_rows: int, tokens_per_image: int = 196) -> Any:
@@ -244,7 +309,7 @@ def fit_vs_step(dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LAT
     init = UniversalSAE(dict(dims), n_latents, k).to(device)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, aux=aux, warmup_steps=0, log_every=max(steps, 1))
     batches = [random_batch(dims, batch_size, device, seed=s) for s in range(2)]
-    Trainer(copy.deepcopy(init), cfg, progress=False).train_step(warmup_batch(batches[0], device))
+    Trainer(copy.deepcopy(init), cfg, progress=False).train_step(batches[0])
     best = {"fit": math.inf, "step": math.inf}
     with tempfile.TemporaryDirectory(prefix="usae-bench-store-") as tmp:
         store = _write_store(Path(tmp) / "store", dims, steps * batch_size)

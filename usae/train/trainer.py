@@ -137,7 +137,8 @@ class Trainer:
         dead = self.dead_mask(name) if cfg.aux == "auxk" else None
         pre, encoded = None, None
         if self.fused_encoder and cfg.aux != "official":
-            encoded = model.encode_train(name, x[name], dead=dead, out=self._pre_buffer(len(x[name])),
+            out = self._pre_buffer(len(x[name])) if self.device.type != "cpu" or self.mixed_precision else None
+            encoded = model.encode_train(name, x[name], dead=dead, out=out,
                                          bf16=self.mixed_precision)
             code = encoded.code
         else:

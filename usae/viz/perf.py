@@ -202,7 +202,8 @@ def bench_table(rows: Sequence[Mapping[str, Any]], title: str = "Training step: 
     """The benchmark rows (``usae.perf.runner.row`` dicts) as a table."""
     out = [{"what": r["what"], "ours": float(r["ours"]), "reference": float(r["reference"]), "unit": r["unit"],
             "ratio": round(float(r["ratio"]), 2), "target": "-" if r["target"] is None else f">= {r['target']:.3g}",
-            "met": {True: "yes", False: "no", None: "-"}[r["passed"]]} for r in rows]
+            "samples": r.get("samples", "-"),
+            "met": "noisy" if r.get("noisy") else {True: "yes", False: "no", None: "-"}[r["passed"]]} for r in rows]
     return table(out, title=title, height=110 + 64 * len(out))  # "what" wraps to about three lines
 
 
@@ -224,4 +225,22 @@ def scaling_figure(rows: Sequence[Mapping[str, Any]], title: str = "Step time as
         fig.update_yaxes(type="log", row=1, col=c)
     fig.update_yaxes(title_text="seconds per step", row=1, col=1)
     fig.update_layout(title=title, height=400, margin=dict(l=60, r=20, t=80, b=50))
+    return fig
+
+
+def peers_figure(rows: Sequence[Mapping[str, Any]], title: str = "One training step per side, as m grows"
+                 ) -> go.Figure:
+    """Grouped bars of rows {side, m, median s, fastest s, slowest s} (``PeerComparison.table()``): the median
+    seconds per step of each side at each width, the fastest and slowest sample as the error bar; log y."""
+    if not rows:
+        raise ValueError("peers_figure: expected at least one row")
+    fig = go.Figure()
+    for side in dict.fromkeys(r["side"] for r in rows):
+        mine = sorted((r for r in rows if r["side"] == side), key=lambda r: r["m"])
+        fig.add_trace(go.Bar(x=[f"m = {r['m']}" for r in mine], y=[r["median s"] for r in mine], name=side,
+                             error_y=dict(type="data", symmetric=False,
+                                          array=[r["slowest s"] - r["median s"] for r in mine],
+                                          arrayminus=[r["median s"] - r["fastest s"] for r in mine])))
+    fig.update_layout(title=title, barmode="group", height=420, margin=dict(l=60, r=20, t=70, b=50),
+                      yaxis=dict(title="seconds per step (median; bars: fastest to slowest)", type="log"))
     return fig
