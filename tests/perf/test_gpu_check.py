@@ -30,7 +30,7 @@ def test_the_dry_run_runs_every_part_on_cpu(tmp_path):
     assert checks["bf16"]["passed"] is None and "CUDA only" in checks["bf16"]["detail"]["skipped"]
     assert all(checks[n]["passed"] and checks[n]["detail"]["rows"] > 0 for n in ("step", "peers", "sweep"))
     entries = {r["entry"] for r in record["rows"]}
-    assert entries == {"step", "peers", "gpu-check"}
+    assert entries == {"step", "peers"}
     assert not list(tmp_path.glob("*.tmp"))
 
 

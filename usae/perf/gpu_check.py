@@ -223,20 +223,13 @@ def _timed(name: str, fn: Callable[[], list[Row]], judge: bool) -> tuple[Check, 
 
 
 def _step(device: torch.device, shapes: GpuShapes) -> list[Row]:
-    from usae.perf.rows import row
-    from usae.perf.step import step_rows
+    from usae.perf.step import step_rows, tokens_rows
     from usae.perf.timing import measure_steps
 
     times = measure_steps(shapes.dims, shapes.n_latents, shapes.k, shapes.batch_size, device=device,
                           samples=shapes.samples, progress=False)
-    medians = times.medians()
     shape = f"B={shapes.batch_size}, m={shapes.n_latents}, M={len(shapes.dims)}, {device.type}"
-    rows = step_rows(times, None, shape)
-    for tag in ("none", "official"):
-        rows.append(row("step", f"tokens/s, {tag} aux ({shape})", shapes.batch_size / medians[f"ours_{tag}"],
-                        shapes.batch_size / medians[f"ref_{tag}"], "tok/s",
-                        medians[f"ref_{tag}"] / medians[f"ours_{tag}"], None, noisy=times.noisy))
-    return rows
+    return step_rows(times, None, shape) + tokens_rows(times, shapes.batch_size, shape)
 
 
 def _peers(device: torch.device, shapes: GpuShapes) -> list[Row]:
@@ -247,17 +240,10 @@ def _peers(device: torch.device, shapes: GpuShapes) -> list[Row]:
 
 
 def _sweep(device: torch.device, shapes: GpuShapes) -> list[Row]:
-    from usae.perf.rows import row
-    from usae.perf.step import scaling_sweep
+    from usae.perf.step import latents_rows
 
-    sweep = scaling_sweep(shapes.dims, shapes.n_latents, shapes.k, shapes.batch_size, latents=shapes.sweep,
-                          aux="official", device=device, repeats=shapes.samples, progress=False)
-    rows = []
-    for m in sorted({r["value"] for r in sweep}):
-        t = {r["impl"]: r["seconds"] for r in sweep if r["value"] == m}
-        rows.append(row("gpu-check", f"m={m}, official aux, B={shapes.batch_size}, {device.type} (fastest of "
-                        f"{shapes.samples})", t["ours"], t["reference"], "s", t["reference"] / t["ours"], None))
-    return rows
+    return latents_rows(shapes.dims, shapes.n_latents, shapes.k, shapes.batch_size, shapes.sweep, device,
+                        shapes.samples)
 
 
 # ---------------------------------------------------------------------------------------------- the command

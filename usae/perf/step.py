@@ -131,6 +131,28 @@ def step_rows(times: Timings, fit: Mapping[str, float] | None, shape: str) -> li
     return rows
 
 
+def tokens_rows(times: Timings, batch_size: int, shape: str) -> list[Row]:
+    """Tokens/s of ours and of the official step, without and with the official aux, from ``measure_steps``."""
+    med = times.medians()
+    return [row("step", f"tokens/s, {tag} aux ({shape})", batch_size / med[f"ours_{tag}"],
+                batch_size / med[f"ref_{tag}"], "tok/s", med[f"ref_{tag}"] / med[f"ours_{tag}"], None,
+                noisy=times.noisy) for tag in ("none", "official")]
+
+
+def latents_rows(dims: Mapping[str, int], n_latents: int, k: int, batch_size: int, latents: Sequence[int],
+                 device: torch.device, samples: int, progress: bool = False) -> list[Row]:
+    """One row per width in ``latents``: our step against the official one, both with the official aux (the
+    fastest of ``samples`` interleaved runs, ``scaling_sweep``)."""
+    sweep = scaling_sweep(dims, n_latents, k, batch_size, latents=latents, aux="official", device=device,
+                          repeats=samples, progress=progress)
+    rows = []
+    for m in sorted({r["value"] for r in sweep}):
+        t = {r["impl"]: r["seconds"] for r in sweep if r["value"] == m}
+        rows.append(row("step", f"m={m}, official aux, B={batch_size}, {device.type} (fastest of {samples})",
+                        t["ours"], t["reference"], "s", t["reference"] / t["ours"], None))
+    return rows
+
+
 def bench_step(quick: bool = False, device: str | torch.device | None = None, *,
                dims: Mapping[str, int] = PAPER_DIMS, n_latents: int = PAPER_LATENTS, k: int = PAPER_K,
                batch_size: int | None = None, samples: int = 5, fit_steps: int | None = None,
@@ -145,21 +167,14 @@ def bench_step(quick: bool = False, device: str | torch.device | None = None, *,
     times = measure_steps(dims, n_latents, k, b, device=device, samples=samples, progress=progress)
     fit = fit_vs_step(dims, n_latents, k, b, fit_steps or (3 if quick else 4), device=device)
     rows = step_rows(times, fit, shape)
-    medians = times.medians()
     for r in rows:
         r["detail"] = {"selected": max(dims, key=lambda n: dims[n]), "dims": dict(dims), "k": k,
                        "samples": {n: t.samples for n, t in times.sides.items()}, "fit": fit,
                        "other_cores": times.other_cores}
     if device.type == "cuda":
-        for tag in ("none", "official"):
-            rows.append(row("step", f"tokens/s, {tag} aux ({shape})", b / medians[f"ours_{tag}"],
-                            b / medians[f"ref_{tag}"], "tok/s", medians[f"ref_{tag}"] / medians[f"ours_{tag}"], None))
-        sweep = scaling_sweep(dims, n_latents, k, b, latents=latents_sweep or (6144, 12288, 24576, 49152, 65536),
-                              aux="official", device=device, repeats=samples, progress=progress)
-        for m in sorted({r["value"] for r in sweep}):
-            t = {r["impl"]: r["seconds"] for r in sweep if r["value"] == m}
-            rows.append(row("step", f"m={m}, official aux, B={b}, cuda", t["ours"], t["reference"], "s",
-                            t["reference"] / t["ours"], None))
+        rows += tokens_rows(times, b, shape)
+        rows += latents_rows(dims, n_latents, k, b, latents_sweep or (6144, 12288, 24576, 49152, 65536), device,
+                             samples, progress)
     return rows
 
 
