@@ -133,7 +133,7 @@ def as_source(source: SourceLike, image_size: int | None = None) -> ImageSource:
 
 
 
-TRUTH_FACTORS = ("shape", "color", "texture", "bg_color", "object")
+TRUTH_FACTORS = ("shape", "color", "texture", "bg_color", "object", "part", "foreground")
 
 
 def with_images(config: ExperimentConfig, images: str | Path) -> ExperimentConfig:

@@ -1,10 +1,13 @@
-"""The toy model zoo: each toy backbone of ``usae.data.zoo`` trained on its own task(s) over the toy world.
+"""The toy model zoo: each toy backbone of ``usae.data.zoo`` trained on its own tasks over the toy world.
 
-Every model shares one head, "which object colours are present" (multi-label), and has one head of its own
-(:data:`TASKS`). Heads are linear maps of the mean and the max over the *backbone's output tokens* (the
-ones ``usae.data.extract`` later reads), so those token features are exactly the ones the tasks shaped; the max
-lets a small object's few tokens speak for it (mean pooling alone learned "which shapes are present" far
-more slowly). DESIGN.md §5 explains the task choice: a factor comes out universal only when every model's
+Every model shares one per-patch head per level of abstraction: a linear map of each output token names its
+patch's colour (low), shape (mid), object and part (high); the ViT and the Mixer also name the background
+texture, and the ConvNeXt alone names the background colour, from the mean and the max of the tokens
+(:data:`TASKS`; :func:`task_design` states what this means for each factor). Every head reads the
+*backbone's output tokens* (the ones ``usae.data.extract`` later reads), so those token features are exactly
+the ones the tasks shaped. Per-patch heads make every token of a thing carry its factors; image-level heads
+("which shapes are present") let the answer sit on a few tokens, and no USAE concept then detected a shape on
+the patches. DESIGN.md §5 explains the task choice: a factor comes out universal only when every model's
 task needs it.
 
 Training uses split ``"zoo"``; metrics (with their chance levels) are measured on split ``"val"``.
@@ -32,27 +35,66 @@ from tqdm.auto import tqdm
 from usae.data import zoo
 from usae.config import BackboneSpec, ToyWorldConfig, ZooTrainConfig
 from usae._io import atomic_write
-from usae.data.toyworld import FACTORS, TRAIN_TEXTURES, ToyWorld
+from usae.data.toyworld import FACTORS, LEVELS, TRAIN_TEXTURES, ToyBatch, ToyWorld
 from usae._checks import positive_int
 
 
 @dataclass(frozen=True)
 class Task:
-    """One head: ``label`` names a ``ToyBatch.image_labels`` entry; ``kind`` is ``"multilabel"`` (BCE,
-    scored by macro average precision) or ``"class"`` (cross-entropy, scored by accuracy)."""
+    """One head. ``kind``: ``"multilabel"`` (BCE over pooled tokens, scored by macro average precision),
+    ``"class"`` (cross-entropy over pooled tokens, scored by accuracy) or ``"patch"`` (cross-entropy of a
+    linear map of every token against its patch's label, patches labelled -1 ignored; scored by accuracy over
+    labelled patches). ``label`` names a ``ToyBatch.image_labels`` entry, or ``"patch.<factor>"`` for a
+    ``patch_labels`` entry. ``factors``: the per-patch factors of ``usae.data.toyworld.FACTORS`` it needs."""
 
     name: str
     label: str
     kind: str
     n_outputs: int
+    factors: tuple[str, ...]
 
 
-COLORS_PRESENT = Task("colors_present", "color_present", "multilabel", len(FACTORS["color"]))
+PATCH_COLOR = Task("patch_color", "patch.color", "patch", len(FACTORS["color"]), ("color",))
+PATCH_SHAPE = Task("patch_shape", "patch.shape", "patch", len(FACTORS["shape"]), ("shape",))
+PATCH_OBJECT = Task("patch_object", "patch.object", "patch", len(FACTORS["object"]), ("object",))
+PATCH_PART = Task("patch_part", "patch.part", "patch", len(FACTORS["part"]), ("part",))
+TEXTURE = Task("texture", "texture", "class", len(TRAIN_TEXTURES), ("texture",))
+BACKGROUND = Task("bg_color", "bg_color", "class", len(FACTORS["bg_color"]), ("bg_color",))
+# the tasks every model shares: name each patch's colour (low level), shape (mid) and object and part (high)
+SHARED_TASKS = (PATCH_COLOR, PATCH_SHAPE, PATCH_OBJECT, PATCH_PART)
 TASKS: dict[str, tuple[Task, ...]] = {
-    "toy_vit": (COLORS_PRESENT, Task("shapes_present", "shape_present", "multilabel", len(FACTORS["shape"]))),
-    "toy_convnext": (COLORS_PRESENT, Task("largest_shape", "largest_shape", "class", len(FACTORS["shape"]))),
-    "toy_mixer": (COLORS_PRESENT, Task("texture", "texture", "class", len(TRAIN_TEXTURES))),
+    "toy_vit": (*SHARED_TASKS, TEXTURE),
+    "toy_convnext": (*SHARED_TASKS, BACKGROUND),
+    "toy_mixer": (*SHARED_TASKS, TEXTURE),
 }
+
+
+@dataclass(frozen=True)
+class FactorDesign:
+    """What the zoo's tasks demand of one factor: its level, the models whose task needs it, and so what its
+    universality should be by design (``"universal"``: every model, ``"pairwise"``: two, ``"unique"``: one,
+    ``"none"``: no model)."""
+
+    factor: str
+    level: str
+    models: tuple[str, ...]
+    expected: str
+
+
+def task_design(models: tuple[str, ...] = tuple(TASKS)) -> tuple[FactorDesign, ...]:
+    """The design table of the zoo's tasks over ``models``: one row per factor, in level order."""
+    for name in models:
+        _tasks_of(name)
+    rows = []
+    for level, factors in LEVELS.items():
+        for f in factors:
+            need = tuple(m for m in models if any(f in t.factors for t in TASKS[m]))
+            expected = ("universal" if len(need) == len(models) else "none" if not need else
+                        "unique" if len(need) == 1 else "pairwise" if len(need) == 2 else "shared")
+            rows.append(FactorDesign(f, level, need, expected))
+    return tuple(rows)
+
+
 _WARMUP_FRACTION = 0.05
 _WEIGHT_DECAY = 0.05
 _EVAL_BATCH = 250
@@ -62,7 +104,8 @@ POOLS = ("mean", "max", "meanmax")
 
 
 class TaskHeads(nn.Module):
-    """Linear heads over pooled tokens: ``forward(tokens [B, h, w, D]) -> {task: logits [B, n_outputs]}``.
+    """Linear heads: ``forward(tokens [B, h, w, D]) -> {task: logits}``, [B, n_outputs] for image tasks (over
+    pooled tokens) and [B, h, w, n_outputs] for patch tasks (every token on its own).
 
     ``pool``: ``"mean"`` or ``"max"`` over tokens ([B, D]), or both concatenated (``"meanmax"``, [B, 2D]).
     """
@@ -73,7 +116,8 @@ class TaskHeads(nn.Module):
             raise ValueError(f"pool = {pool!r} is not valid; expected one of {list(POOLS)}")
         self.tasks, self.pool = tasks, pool
         width = 2 * dim if pool == "meanmax" else dim
-        self.heads = nn.ModuleDict({t.name: nn.Linear(width, t.n_outputs) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: nn.Linear(dim if t.kind == "patch" else width, t.n_outputs)
+                                    for t in tasks})
 
     def pooled(self, tokens: Tensor) -> Tensor:
         """tokens [B, h, w, D] -> [B, D] or [B, 2D]."""
@@ -86,7 +130,7 @@ class TaskHeads(nn.Module):
 
     def forward(self, tokens: Tensor) -> dict[str, Tensor]:
         pooled = self.pooled(tokens)
-        return {name: head(pooled) for name, head in self.heads.items()}
+        return {t.name: self.heads[t.name](tokens if t.kind == "patch" else pooled) for t in self.tasks}
 
 
 def _tasks_of(name: str) -> tuple[Task, ...]:
@@ -106,6 +150,8 @@ def _loss(logits: dict[str, Tensor], labels: dict[str, Tensor], tasks: tuple[Tas
         y = labels[t.label]
         if t.kind == "multilabel":
             total = total + F.binary_cross_entropy_with_logits(logits[t.name], y)
+        elif t.kind == "patch":
+            total = total + F.cross_entropy(logits[t.name].flatten(0, 2), y.flatten(), ignore_index=-1)
         else:
             total = total + F.cross_entropy(logits[t.name], y)
     return total
@@ -130,9 +176,16 @@ def _score(task: Task, logits: Tensor, labels: Tensor) -> dict[str, float]:
         prevalence = labels.mean(0).double()
         return {"value": float(np.nanmean(ap.numpy())), "metric": "mAP",
                 "chance": float(prevalence.mean().item()), "f1": f1}
+    if task.kind == "patch":
+        logits, labels = logits.flatten(0, 2)[labels.flatten() >= 0], labels.flatten()[labels.flatten() >= 0]
     counts = torch.bincount(labels, minlength=task.n_outputs)
     return {"value": float((logits.argmax(1) == labels).float().mean().item()), "metric": "accuracy",
-            "chance": float(counts.max().item() / len(labels))}
+            "chance": float(counts.max().item() / max(len(labels), 1))}
+
+
+def task_labels(batch: ToyBatch) -> dict[str, Tensor]:
+    """Every label a task can name: the batch's image labels and its patch labels as ``"patch.<factor>"``."""
+    return {**batch.image_labels, **{f"patch.{k}": v for k, v in batch.patch_labels.items()}}
 
 
 @torch.no_grad()
@@ -160,7 +213,7 @@ def _lr_factor(step: int, steps: int) -> float:
 def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrainConfig,
               progress: bool = True, device: str | torch.device = "cpu",
               pool: str = "meanmax") -> tuple[nn.Module, TaskHeads, float]:
-    """Train toy backbone ``name`` and its heads on images [N, 3, H, W] with ``labels`` (image labels).
+    """Train toy backbone ``name`` and its heads on images [N, 3, H, W] with ``labels`` (:func:`task_labels`).
 
     Returns (backbone in eval mode, heads, final training loss averaged over the last 10 % of steps), on
     ``device``.
@@ -178,12 +231,13 @@ def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrai
     labels = {k: v.to(device) for k, v in labels.items()}
     params = list(backbone.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=_WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps))
+    steps = cfg.steps_of(name)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
     gen = torch.Generator().manual_seed(seed)
     backbone.train()
     heads.train()
     order, cursor, recent = torch.randperm(len(images), generator=gen), 0, []
-    bar = tqdm(range(cfg.steps), desc=f"train {name}", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False)
     for step in bar:
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(images), generator=gen), 0
@@ -194,8 +248,8 @@ def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrai
         loss.backward()
         opt.step()
         sched.step()
-        recent = (recent + [loss.item()])[-max(1, cfg.steps // 10):]
-        if step % 10 == 0 or step == cfg.steps - 1:
+        recent = (recent + [loss.item()])[-max(1, steps // 10):]
+        if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
     backbone.eval()
     heads.eval()
@@ -216,9 +270,9 @@ def _train_and_save(name: str, world_cfg: Any, cfg: ZooTrainConfig, work: Path, 
     train = world.batch("zoo", 0, cfg.n_train_images)
     val = world.batch("val", 0, cfg.n_val_images)
     started = time.perf_counter()
-    backbone, heads, final_loss = train_one(name, train.images, train.image_labels, cfg, progress, device)
+    backbone, heads, final_loss = train_one(name, train.images, task_labels(train), cfg, progress, device)
     seconds = time.perf_counter() - started
-    scores = evaluate(backbone, heads, val.images, val.image_labels)
+    scores = evaluate(backbone, heads, val.images, task_labels(val))
     model = _timm_model(backbone)
     atomic_write(work / f"{name}.safetensors", lambda p: save_file(_contiguous(model.state_dict()), str(p)))
     atomic_write(work / f"{name}.heads.safetensors",
@@ -228,6 +282,7 @@ def _train_and_save(name: str, world_cfg: Any, cfg: ZooTrainConfig, work: Path, 
     entry["chance"] = {t: s["chance"] for t, s in scores.items()}
     entry["f1"] = {t: s["f1"] for t, s in scores.items() if "f1" in s}
     entry["params"] = int(sum(p.numel() for p in model.parameters()))
+    entry["steps"] = cfg.steps_of(name)
     entry["seconds"] = round(seconds, 2)
     entry["final_loss"] = final_loss
     return entry
@@ -282,7 +337,7 @@ def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress:
 
     Writes ``<out_dir>/<name>.safetensors`` (the timm model's state_dict, for ``zoo.load_backbone``),
     ``<name>.heads.safetensors`` and ``report.json`` (written last) ``{name: {task: value, "metric": {task:
-    "mAP" | "accuracy"}, "chance": {task: value}, "f1": {...}, "params", "seconds", "final_loss"}}``.
+    "mAP" | "accuracy"}, "chance": {task: value}, "f1": {...}, "params", "steps", "seconds", "final_loss"}}``.
     A missing ``out_dir`` is built in a temporary sibling and renamed into place at the end; an existing
     one (e.g. the caller's own temporary folder) gets each file written atomically. ``device``: where to
     train (the book trains on CPU). ``workers``: on CPU, models trained side by side in that many processes
@@ -341,8 +396,9 @@ def load_toy_heads(name: str, out_dir: Path) -> TaskHeads:
     with safe_open(str(path), "pt") as f:
         pool = (f.metadata() or {}).get("pool", "meanmax")
     state = load_file(str(path))
-    width = state[f"heads.{tasks[0].name}.weight"].shape[1]
-    heads = TaskHeads(width // 2 if pool == "meanmax" else width, tasks, pool)
+    pooled = [t for t in tasks if t.kind != "patch"]
+    width = state[f"heads.{(pooled or tasks)[0].name}.weight"].shape[1]
+    heads = TaskHeads(width // 2 if pool == "meanmax" and pooled else width, tasks, pool)
     heads.load_state_dict(state)
     return heads.eval()
 

@@ -96,8 +96,10 @@ REGISTRY: dict[str, ZooEntry] = {e.name: e for e in (
     # The embedded toy zoo: 64x64 inputs, an 8x8 token grid, ~0.4-0.7 M parameters, random init (trained by
     # usae.data.toyzoo). timm's ConvNeXt always has 4 stages: a 1-px stem and stage strides 1,2,2,2 give 64 -> 8;
     # stage 0 (64x64, the costliest on CPU) has no blocks.
-    _entry("toy_vit", "VisionTransformer", None, "vit", 1, 64, HALF, HALF, 96, 8, toy=True,
-           img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0),
+    # The ViT is wide and shallow: at equal training time a 3-block, 128-wide ViT learned the per-patch shape
+    # task far better than a 6-block, 96-wide one (held-out accuracy 0.76 vs 0.52, one seed).
+    _entry("toy_vit", "VisionTransformer", None, "vit", 1, 64, HALF, HALF, 128, 8, toy=True,
+           img_size=64, patch_size=8, embed_dim=128, depth=3, num_heads=4, mlp_ratio=4.0),
     _entry("toy_convnext", "ConvNeXt", None, "cnn", 0, 64, HALF, HALF, 128, 8, toy=True,
            patch_size=1, depths=(0, 1, 2, 2), dims=(16, 32, 64, 128), kernel_sizes=(3, 5, 7, 7)),
     _entry("toy_mixer", "MlpMixer", None, "mixer", 0, 64, HALF, HALF, 112, 8, toy=True,

@@ -185,8 +185,8 @@ def chapter_settings(preset: str) -> dict[str, Any]:
     Every preset times 5 interleaved samples of every side (``samples``) after the same ``warmup`` steps for
     every side (1; 2 at ``paper``, as ``make bench``). ``smoke``: tiny shapes (seconds;
     speed-ups need not show). ``book``: the paper's models, m and k with a quarter of its batch (B = 1568, 8 images)
-    for the step benchmark and the peers (without the memory probe), the sweep around B = 784 (about three
-    minutes on 2 CPU cores). ``paper``: B = 6272 everywhere, the peers with memory.
+    for the step benchmark, an eighth (B = 784) for the peers (without the memory probe), the sweep around
+    B = 392 (about two minutes on 2 CPU cores). ``paper``: B = 6272 everywhere, the peers with memory.
     """
     if preset == "smoke":
         return {"dims": {"a": 32, "b": 64, "c": 64}, "n_latents": 512, "k": 8, "batch_size": 256, "samples": 5,
@@ -196,13 +196,13 @@ def chapter_settings(preset: str) -> dict[str, Any]:
                 "peer_dim": 64, "peer_widths": (512, 2048), "peer_batch": 256, "peer_memory": False}
     if preset in ("book", "paper"):
         paper = preset == "paper"
-        base = PAPER_BATCH if paper else PAPER_BATCH // 8
+        base = PAPER_BATCH if paper else PAPER_BATCH // 16
         return {"dims": dict(PAPER_DIMS), "n_latents": PAPER_LATENTS, "k": PAPER_K,
                 "batch_size": PAPER_BATCH if paper else PAPER_BATCH // 4,
                 "samples": 5, "warmup": 2 if paper else 1, "fit_steps": 4 if paper else 3,
                 "sweep_batch": base, "batch_sizes": (base // 2, base, base * 2),
                 "latents": (3072, 6144, 12288), "n_models": (1, 2, 3, 4),
-                "peer_dim": 768, "peer_widths": (6144, 24576), "peer_batch": PAPER_BATCH if paper else PAPER_BATCH // 4,
+                "peer_dim": 768, "peer_widths": (6144, 24576), "peer_batch": PAPER_BATCH if paper else PAPER_BATCH // 8,
                 "peer_memory": paper}
     raise ValueError(f"preset = {preset!r} is not valid; expected 'smoke', 'book' or 'paper'")
 

@@ -30,6 +30,7 @@ from usae.viz.core import PALETTE, png_uri
 __all__ = ["entropy_histogram_figure", "cofire_proportion_figure", "energy_cofire_figure", "split_comparison_figure",
            "gallery_figure", "concept_explorer", "explorer_widget", "matched_cosine_figure", "auroc_heatmap",
            "recovery_figure", "concept_scatter", "concept_text", "concept_title", "truth_scatter",
+           "bar_detection_figure", "level_recovery_figure",
            "OVERLAY_COLORSCALE"]
 
 # viridis with an alpha ramp: 0 is transparent, strong activations opaque ("bright = stronger")
@@ -427,4 +428,45 @@ def truth_scatter(stats: firing.FiringStats, gt: Any, title: str | None = None) 
                       xaxis=dict(title="firing entropy", range=[-0.02, 1.02]),
                       yaxis=dict(title="best AUROC of one truth value, worst model"), height=440,
                       margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def bar_detection_figure(det: Any, paper_threshold: float = 0.5, title: str | None = None) -> go.Figure:
+    """Precision and recall of the paper's universality bar (entropy > det.min_entropy, CFP > t in every model)
+    as a detector of truly universal concepts, over the CFP threshold t (``usae.stats.groundtruth.BarDetection``);
+    dashed lines: the paper's t and the t with the best F1 here."""
+    t = det.thresholds.numpy()
+    fig = go.Figure()
+    for label, y, colour in (("precision", det.precision, PALETTE[0]), ("recall", det.recall, PALETTE[1]),
+                             ("F1", det.f1, PALETTE[2])):
+        fig.add_trace(go.Scatter(x=t, y=y.numpy(), mode="lines+markers", name=label, line=dict(color=colour)))
+    for x, label in ((paper_threshold, "the paper's bar"), (det.best_threshold, "best F1 here")):
+        fig.add_vline(x=x, line=dict(dash="dash", color="grey"), annotation_text=label,
+                      annotation_position="top right" if x >= 0.3 else "top left")
+    fig.update_layout(title=title or (f"The paper's bar as a detector of true universality ({det.n_true} truly "
+                                      f"universal concepts: AUROC ≥ {det.auroc:g} for one value in every model)"),
+                      xaxis=dict(title="co-fire proportion threshold t (entropy > "
+                                       f"{det.min_entropy:g} and CFP > t in every model)", range=[0, 0.96]),
+                      yaxis=dict(title="share", range=[0, 1.02]), height=420, margin=dict(l=60, r=20, t=70, b=60))
+    return fig
+
+
+def level_recovery_figure(rows: Sequence[Any], title: str | None = None) -> go.Figure:
+    """Per factor (grouped by level): the share of its values detected by ONE concept in every model, and by
+    some concept of each model alone (``usae.stats.groundtruth.FactorRecovery`` rows); the design (which models'
+    tasks need the factor) is in each label."""
+    x = [[r.level for r in rows], [f"{r.factor} ({r.expected})" for r in rows]]
+    fig = go.Figure()
+    names = rows[0].names if rows else ()
+    for i, name in enumerate(names):
+        fig.add_trace(go.Bar(x=x, y=[r.per_model[i] / r.values if r.values else 0 for r in rows],
+                             name=f"{name}: some concept", marker_color=PALETTE[i % len(PALETTE)],
+                             text=[("needs it" if name in r.needed_by else "") for r in rows],
+                             textposition="inside"))
+    fig.add_trace(go.Scatter(x=x, y=[r.universal_share for r in rows], mode="markers",
+                             name="one concept, every model",
+                             marker=dict(symbol="line-ew-open", size=22, line=dict(width=3, color="black"))))
+    fig.update_layout(barmode="group", title=title or "Factor values detected at AUROC ≥ 0.9, by level",
+                      yaxis=dict(title="share of the factor's values", range=[0, 1.05]), height=430,
+                      margin=dict(l=60, r=20, t=60, b=80))
     return fig
