@@ -155,13 +155,13 @@ def test_factor_and_level_recovery_match_brute_force():
               SimpleNamespace(factor="c", level="high", models=("x", "y", "z"), expected="universal")]
     thr = 0.8
     rows = factor_recovery(gt, design, thr)
-    for d, r in zip(design, rows):
+    for d, r in zip(design, rows, strict=True):
         a = gt.auroc[d.factor].nan_to_num(-1.0)                      # [M, m, V]
         present = [v for v in range(a.shape[2]) if gt.n_positive[d.factor][v] > 0]
         assert r.values == len(present)
         assert r.universal == sum(any(all(a[i, k, v] >= thr for i in range(3)) for k in range(12)) for v in present)
         assert r.per_model == tuple(sum(any(a[i, k, v] >= thr for k in range(12)) for v in present) for i in range(3))
-        outside = [c for n, c in zip(gt.names, r.per_model) if n not in d.models]
+        outside = [c for n, c in zip(gt.names, r.per_model, strict=True) if n not in d.models]
         assert r.outside == max(outside, default=0)
         assert r.row()["design"] == d.expected and r.row()["x"] == r.per_model[0]
     levels = {lv.level: lv for lv in level_recovery(rows)}

@@ -365,19 +365,19 @@ class FactorRecovery:
     @property
     def outside(self) -> int:
         """Most values detected in one model whose task does not need the factor (0 when every model needs it)."""
-        return max((c for n, c in zip(self.names, self.per_model) if n not in self.needed_by), default=0)
+        return max((c for n, c in zip(self.names, self.per_model, strict=True) if n not in self.needed_by), default=0)
 
     @property
     def inside(self) -> int:
         """Fewest values detected in one model whose task needs the factor (0 when none needs it)."""
-        return min((c for n, c in zip(self.names, self.per_model) if n in self.needed_by), default=0)
+        return min((c for n, c in zip(self.names, self.per_model, strict=True) if n in self.needed_by), default=0)
 
     def row(self) -> dict[str, Any]:
         """A plain row for display."""
         out: dict[str, Any] = {"level": self.level, "factor": self.factor, "design": self.expected,
                                "needed by": ", ".join(self.needed_by) or "-", "values": self.values,
                                "one concept, every model": self.universal}
-        out.update(dict(zip(self.names, self.per_model)))
+        out.update(dict(zip(self.names, self.per_model, strict=True)))
         return out
 
 
