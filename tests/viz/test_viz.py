@@ -50,6 +50,10 @@ def test_table_and_bars():
     assert list(fig.data[0].cells.values[1]) == ["0.1235", "2"]
     with pytest.raises(ValueError):
         viz.table([])
+    # long headers and cells wrap in narrow columns: the table grows so that no row is cut off
+    short = viz.table([{f"c{i}": 1 for i in range(8)}] * 3).layout.height
+    wrapped = viz.table([{f"column with a long header {i}": "a cell with a long text in it" for i in range(8)}] * 3)
+    assert wrapped.layout.height > short + 100
     bars = viz.bars_with_chance({"x": 0.9}, {"x": 0.5}, title="t")
     assert bars.data[0].y == (0.9,) and bars.data[1].y == (0.5,)
 

@@ -161,8 +161,13 @@ def table(rows: Sequence[Mapping[str, object]], title: str | None = None, height
     cells = [[fmt(r[k]) for r in rows] for k in keys]
     fig = go.Figure(go.Table(header=dict(values=keys, fill_color="#dde6f0", align="left"),
                              cells=dict(values=cells, align="left")))
-    fig.update_layout(title=title, height=height or 70 + 30 * len(rows) + (40 if title else 0),
-                      margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    if height is None:  # long texts wrap in narrow columns: count the lines (about 7 px per character)
+        chars = max(8, int(620 / len(keys) / 7))
+        lines = [max(1, -(-len(str(k)) // chars)) for k in keys]
+        header = max(lines)
+        body = sum(max(max(1, -(-len(col[i]) // chars)) for col in cells) for i in range(len(rows)))
+        height = 50 + 18 * header + 10 + 22 * body + 8 * len(rows) + (40 if title else 0)
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=40 if title else 10, b=10))
     return fig
 
 
