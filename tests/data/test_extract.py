@@ -292,7 +292,8 @@ def test_end_to_end_with_toy_backbones(tmp_path):
     cfg = ExtractConfig(n_train_images=8, n_val_images=2, grid=8, n_stats_images=4, batch_size=3)
     store = extract_store(backbones, {"train": images[:8], "val": images[8:]}, cfg, tmp_path / "s",
                           meta={"preset": "test"}, progress=False)
-    assert store.dims == {"toy_vit": 96, "toy_mixer": 112} and store.n_rows("train") == 8 * 64
+    assert store.dims == {n: b.dim for n, b in backbones.items()} == {"toy_vit": 128, "toy_mixer": 112}
+    assert store.n_rows("train") == 8 * 64
     with torch.no_grad():
         for name, bb in backbones.items():
             stats = fit_standardisation(bb, images, 4)
@@ -300,4 +301,4 @@ def test_end_to_end_with_toy_backbones(tmp_path):
             ref = stats.apply(bb(images[8:])).reshape(-1, bb.dim)
             torch.testing.assert_close(store.rows("val", name, 0, 128), ref, rtol=2e-3, atol=2e-3)
     batch = next(store.batches("train", 100, seed=0))
-    assert batch["toy_vit"].shape == (100, 96) and batch["toy_mixer"].shape == (100, 112)
+    assert batch["toy_vit"].shape == (100, 128) and batch["toy_mixer"].shape == (100, 112)
