@@ -171,11 +171,15 @@ def _truth(m: int = 8):
 
 
 def test_recovery_and_group_tables():
-    from usae.stats.groundtruth import group_truth, recovery_table
+    from types import SimpleNamespace
+
+    from usae.stats.groundtruth import group_truth
+    from usae.stats.levels import factor_recovery
 
     gt = _truth()
-    row = recovery_table(gt, 0.99)[0]
-    assert row["factor"] == "color" and row["one concept, every model"] >= 1 and "g" in row["universal values"]
+    row = factor_recovery(gt, [SimpleNamespace(factor="color", level="low", models=NAMES, expected="universal")],
+                          0.99)[0].row()
+    assert row["factor"] == "color" and row["one concept, every model"] >= 1 and bool(gt.recovered(0.99)["color"][1])
     assert all(row[n] >= 1 for n in NAMES)
     groups = {"planted": torch.arange(8) == 0, "rest": torch.arange(8) > 0}
     rows = group_truth(gt, groups, 0.99)
