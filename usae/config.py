@@ -148,7 +148,7 @@ class ZooTrainConfig(_Config):
 
     ``step_scale``: ``((model, factor), ...)``; that model trains ``round(steps * factor)`` steps (at least 1).
     The ConvNeXt learns the per-patch tasks in half the steps the Mixer needs and the ViT needs half as many
-    again, so the default gives them 0.5 and 1.5 times ``steps``; the zoo's two workers then finish together.
+    again, so the default gives them 0.5 and 1.5 times ``steps``.
     """
 
     models: tuple[str, ...] = ("toy_vit", "toy_convnext", "toy_mixer")

@@ -128,11 +128,12 @@ def test_bad_input_raises(world: ToyWorld, tmp_path: Path):
 
 
 def test_models_trained_in_worker_processes_equal_one_thread_training(world, tmp_path, one_thread):
-    """Two one-thread workers give the same weights as training the models in turn on one thread."""
+    """One-thread worker processes (one per model, the default on a multi-core CPU) give the same weights as
+    training the models in turn on one thread."""
     from safetensors.torch import load_file
 
-    cfg = TINY.replace(models=("toy_mixer", "toy_vit"), steps=6, n_train_images=96, n_val_images=64)
-    parallel = toyzoo.train_toy_zoo(world, cfg, tmp_path / "par", progress=False, workers=2)
+    cfg = TINY.replace(models=("toy_mixer", "toy_vit", "toy_convnext"), steps=6, n_train_images=96, n_val_images=64)
+    parallel = toyzoo.train_toy_zoo(world, cfg, tmp_path / "par", progress=False, workers=3)
     serial = toyzoo.train_toy_zoo(world, cfg, tmp_path / "ser", progress=False, workers=1)
     assert list(parallel) == list(cfg.models)
     for name in cfg.models:
@@ -173,3 +174,13 @@ def test_step_scale_sets_each_models_steps():
     for bad in ((("toy_vit", 0.0),), (("toy_vit",),), ("toy_vit",)):
         with pytest.raises(ValueError, match="step_scale"):
             ZooTrainConfig(step_scale=bad)
+
+
+def test_workers_beyond_the_cores_yield_to_the_longest_remaining_ones(tmp_path):
+    assert toyzoo._yielding({"a": 300.0, "b": 150.0, "c": 160.0}, cores=2) == {"b", "c"}
+    assert toyzoo._yielding({"a": 100.0, "b": 150.0, "c": 160.0, "d": 1.0}, cores=3) == {"a", "d"}
+    assert toyzoo._yielding({"a": 300.0, "b": 150.0}, cores=2) == set()      # a core each: nobody yields
+    for name, (done, steps, cpu) in {"a": (24, 99, 12.0), "b": (49, 49, 3.0)}.items():
+        (tmp_path / f"{name}.progress.json").write_text(json.dumps({"done": done, "steps": steps, "cpu_seconds": cpu}))
+    assert toyzoo._remaining_cpu(tmp_path, ["a", "b"]) == {"a": 12.0 / 24 * 75, "b": 0.0}
+    assert toyzoo._remaining_cpu(tmp_path, ["a", "b", "c"]) is None          # c has not reported yet

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -212,9 +212,11 @@ def _lr_factor(step: int, steps: int) -> float:
 
 def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrainConfig,
               progress: bool = True, device: str | torch.device = "cpu",
-              pool: str = "meanmax") -> tuple[nn.Module, TaskHeads, float]:
+              pool: str = "meanmax", on_step: Callable[[int, int], None] | None = None,
+              ) -> tuple[nn.Module, TaskHeads, float]:
     """Train toy backbone ``name`` and its heads on images [N, 3, H, W] with ``labels`` (:func:`task_labels`).
 
+    ``on_step(steps done, steps)`` is called after every step (a zoo worker reports its progress with it).
     Returns (backbone in eval mode, heads, final training loss averaged over the last 10 % of steps), on
     ``device``.
     """
@@ -251,6 +253,8 @@ def train_one(name: str, images: Tensor, labels: dict[str, Tensor], cfg: ZooTrai
         recent = (recent + [loss.item()])[-max(1, steps // 10):]
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+        if on_step is not None:
+            on_step(step + 1, steps)
     backbone.eval()
     heads.eval()
     return backbone, heads, float(sum(recent) / len(recent))
@@ -261,7 +265,8 @@ def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _train_and_save(name: str, world_cfg: Any, cfg: ZooTrainConfig, work: Path, progress: bool,
-                    device: str | torch.device, threads: int | None) -> dict:
+                    device: str | torch.device, threads: int | None,
+                    on_step: Callable[[int, int], None] | None = None) -> dict:
     """Train one toy model (``threads`` torch threads when given), write its weights and heads into ``work``,
     and return its report entry. Runs in a worker process when the zoo trains models side by side."""
     if threads is not None:
@@ -270,7 +275,8 @@ def _train_and_save(name: str, world_cfg: Any, cfg: ZooTrainConfig, work: Path, 
     train = world.batch("zoo", 0, cfg.n_train_images)
     val = world.batch("val", 0, cfg.n_val_images)
     started = time.perf_counter()
-    backbone, heads, final_loss = train_one(name, train.images, task_labels(train), cfg, progress, device)
+    backbone, heads, final_loss = train_one(name, train.images, task_labels(train), cfg, progress, device,
+                                            on_step=on_step)
     seconds = time.perf_counter() - started
     scores = evaluate(backbone, heads, val.images, task_labels(val))
     model = _timm_model(backbone)
@@ -291,9 +297,37 @@ def _train_and_save(name: str, world_cfg: Any, cfg: ZooTrainConfig, work: Path, 
 def _worker_main(spec_json: str) -> None:
     """Entry of a zoo worker process (``python -c``): train one model and write ``<work>/<name>.report.json``."""
     spec = json.loads(spec_json)
-    entry = _train_and_save(spec["name"], ToyWorldConfig.from_dict(spec["world"]),
-                            ZooTrainConfig.from_dict(spec["zoo"]), Path(spec["work"]), False, "cpu", 1)
-    atomic_write(Path(spec["work"]) / f"{spec['name']}.report.json", lambda p: p.write_text(json.dumps(entry)))
+    work, name = Path(spec["work"]), spec["name"]
+
+    start = {"cpu": 0.0}
+
+    def report_progress(done: int, steps: int) -> None:
+        if done == 1:              # the first step's end: start-up and rendering are behind
+            start["cpu"] = time.process_time()
+        elif done % _PROGRESS_EVERY == 0:
+            text = json.dumps({"done": done - 1, "steps": steps - 1, "cpu_seconds": time.process_time() - start["cpu"]})
+            atomic_write(work / f"{name}.progress.json", lambda p: p.write_text(text))
+
+    entry = _train_and_save(name, ToyWorldConfig.from_dict(spec["world"]), ZooTrainConfig.from_dict(spec["zoo"]),
+                            work, False, "cpu", 1, report_progress)
+    atomic_write(work / f"{name}.report.json", lambda p: p.write_text(json.dumps(entry)))
+
+
+_PROGRESS_EVERY = 25    # steps between a zoo worker's progress reports
+_NICE = 10              # niceness of the workers that yield to the longest ones
+
+
+def _yielding(remaining: dict[str, float], cores: int) -> set[str]:
+    """The workers that should run at lower priority: all but the ``cores - 1`` with the most CPU seconds
+    left (``remaining``), when more workers run than there are cores; none otherwise.
+
+    Fair sharing of 2 cores among 3 one-thread workers starves the longest model early and the zoo ends when
+    it does; letting it keep a core while the others share the other one ends the zoo near its total CPU time
+    over the cores (longest-remaining-first)."""
+    if len(remaining) <= cores:
+        return set()
+    keep = sorted(remaining, key=lambda n: -remaining[n])[:max(cores - 1, 1)]
+    return set(remaining) - set(keep)
 
 
 def _train_in_workers(world: ToyWorld, cfg: ZooTrainConfig, work: Path, progress: bool, workers: int) -> dict:
@@ -301,7 +335,8 @@ def _train_in_workers(world: ToyWorld, cfg: ZooTrainConfig, work: Path, progress
     import subprocess
     import sys
 
-    pending, running, report = list(cfg.models), {}, {}
+    pending, running, report, prioritised = list(cfg.models), {}, {}, False
+    cores = os.cpu_count() or 1
     bar = tqdm(total=len(pending), desc="train toy zoo (models, in parallel)", disable=not progress, leave=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
@@ -313,6 +348,17 @@ def _train_in_workers(world: ToyWorld, cfg: ZooTrainConfig, work: Path, progress
                        spec]
                 running[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.2)
+            if not pending and not prioritised:
+                # once every running worker has timed its first steps, the longest ones keep their cores (a
+                # scheduling hint only: each model's result does not depend on it)
+                remaining = _remaining_cpu(work, list(running))
+                if remaining is not None:
+                    prioritised = True
+                    for name in _yielding(remaining, cores):
+                        try:
+                            os.setpriority(os.PRIO_PROCESS, running[name].pid, _NICE)
+                        except OSError:
+                            pass
             for name, proc in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -323,12 +369,26 @@ def _train_in_workers(world: ToyWorld, cfg: ZooTrainConfig, work: Path, progress
                                        f"{err.strip().splitlines()[-1] if err.strip() else 'no message'}")
                 report[name] = json.loads((work / f"{name}.report.json").read_text())
                 (work / f"{name}.report.json").unlink()
+                (work / f"{name}.progress.json").unlink(missing_ok=True)
                 bar.update(1)
     finally:
         for proc in running.values():
             proc.kill()
         bar.close()
     return {name: report[name] for name in cfg.models}
+
+
+def _remaining_cpu(work: Path, names: list[str]) -> dict[str, float] | None:
+    """CPU seconds each worker of ``names`` still needs to train, from its progress report (its CPU time per
+    step since its first step); None until every one of them has reported."""
+    out = {}
+    for name in names:
+        try:
+            p = json.loads((work / f"{name}.progress.json").read_text())
+        except (OSError, ValueError):
+            return None
+        out[name] = p["cpu_seconds"] / p["done"] * (p["steps"] - p["done"])
+    return out
 
 
 def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress: bool = True,
@@ -341,9 +401,12 @@ def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress:
     A missing ``out_dir`` is built in a temporary sibling and renamed into place at the end; an existing
     one (e.g. the caller's own temporary folder) gets each file written atomically. ``device``: where to
     train (the book trains on CPU). ``workers``: on CPU, models trained side by side in that many processes
-    with one torch thread each (default: one per core, at most one per model; 1 trains them in turn in this
-    process). Toy models are too small to use two threads well, so two one-thread workers train the zoo
-    about 1.7x faster on 2 cores; each model's result depends only on its seed and its thread count.
+    with one torch thread each (default: one per model when the machine has two or more cores; 1 trains them
+    in turn in this process). Toy models are too small to use two threads well, so one-thread workers train
+    the zoo about 1.7x faster on 2 cores; one process per model, rather than one per core, lets the system
+    share the cores among models of uneven cost (the zoo then takes about its total CPU time over the cores,
+    not the longest chain of models one worker trains in turn). Each model's result depends only on its seed
+    and its thread count.
     Returns the report.
     """
     if not isinstance(world, ToyWorld):
@@ -353,7 +416,7 @@ def train_toy_zoo(world: ToyWorld, cfg: ZooTrainConfig, out_dir: Path, progress:
     for name in cfg.models:
         _tasks_of(name)
     if workers is None:
-        workers = 1 if torch.device(device).type != "cpu" else min(len(cfg.models), os.cpu_count() or 1)
+        workers = 1 if torch.device(device).type != "cpu" or (os.cpu_count() or 1) < 2 else len(cfg.models)
     positive_int("train_toy_zoo: workers", workers)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
