@@ -19,10 +19,10 @@ from usae.config import (
 from usae.core.model import UniversalSAE
 from usae.core.official import load_official
 from usae.core.sparse import SparseCode, sparse_decode, topk_encode
-from usae.experiment import Experiment, load_run
+from usae.experiment import Experiment, Training, load_run
 from usae.stats.reconstruction import r2_matrix, self_reconstruction
 from usae.train.trainer import Trainer
 
 __all__ = ["BackboneSpec", "Experiment", "ExperimentConfig", "ExtractConfig", "SparseCode", "ToyWorldConfig",
-           "TrainConfig", "Trainer", "USAEConfig", "UniversalSAE", "ZooTrainConfig", "load_official", "load_run",
-           "preset", "r2_matrix", "self_reconstruction", "sparse_decode", "topk_encode"]
+           "TrainConfig", "Trainer", "Training", "USAEConfig", "UniversalSAE", "ZooTrainConfig", "load_official",
+           "load_run", "preset", "r2_matrix", "self_reconstruction", "sparse_decode", "topk_encode"]

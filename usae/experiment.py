@@ -397,15 +397,137 @@ class Experiment:
         model per step, so that is as many updates as each model's encoder and decoder get inside the USAE."""
         from usae.core.model import UniversalSAE
 
-        train_changes["seed"] = self.config.train.seed + 1 if seed is None else seed
-        n_models = len(self.config.model_names)
-        train_changes.setdefault("steps", max(1, self.config.train.steps // n_models))
-        train_changes.setdefault("warmup_steps", self.config.train.warmup_steps // n_models)
+        folder = self._trained("sae", (name,), self._sae_changes(name, seed, train_changes))
+        return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
+
+    def _sae_changes(self, name: str, seed: int | None, train_changes: dict[str, Any]) -> dict[str, Any]:
+        """The TrainConfig changes of ``independent_sae(name, seed=seed, **train_changes)``, defaults filled in."""
         if name not in self.config.model_names:
             raise ValueError(f"independent_sae: name = {name!r} is not valid; expected one of "
                              f"{list(self.config.model_names)}")
-        folder = self._trained("sae", (name,), train_changes)
-        return UniversalSAE.load(folder / "model.safetensors", map_location=self.device).eval()
+        changes = dict(train_changes)
+        changes["seed"] = self.config.train.seed + 1 if seed is None else seed
+        n_models = len(self.config.model_names)
+        changes.setdefault("steps", max(1, self.config.train.steps // n_models))
+        changes.setdefault("warmup_steps", self.config.train.warmup_steps // n_models)
+        return changes
+
+    # -- several trainings at once -------------------------------------------------------------------------
+    def _training_folder(self, job: Training) -> tuple[str, tuple[str, ...], dict[str, Any], Path]:
+        """(stage, models, TrainConfig changes, artifact folder) of ``job``; the folder may not exist yet."""
+        changes = dict(job.changes)
+        if job.model is None:
+            stage, names = "usae", self.config.model_names
+        else:
+            stage, names = "sae", (job.model,)
+            changes = self._sae_changes(job.model, changes.pop("seed", None), changes)
+        _, key = self._train_key(names, changes, job.init if job.model is None else None)
+        return stage, names, changes, self.runs / f"{stage}-{_stable_hash(key)}"
+
+    def train_side_by_side(self, jobs: list[Training], workers: int | None = None) -> None:
+        """Train every SAE of ``jobs`` that is not cached yet, side by side in worker processes with one torch
+        thread each (one per job by default), so that ``usae(...)`` / ``independent_sae(...)`` then load them.
+
+        An SAE step on 2 CPU cores runs only about 1.1-1.4x faster with two threads than with one, so two
+        trainings side by side take little more than one. Each result depends on its seed and its thread
+        count (one, as in the seeds table's runs). On a GPU, with one core, ``workers=1`` or a single job
+        missing, the jobs train in turn in this process instead."""
+        if not isinstance(jobs, (list, tuple)) or not all(isinstance(j, Training) for j in jobs):
+            raise ValueError(f"train_side_by_side: jobs = {jobs!r} is not valid; expected a list of Training")
+        folders = [self._training_folder(j) for j in jobs]          # bad names / inits fail here, first
+        missing = [j for j, f in zip(jobs, folders, strict=True) if not f[3].is_dir()]
+        if workers is not None:
+            positive_int("train_side_by_side: workers", workers)
+        if not missing:
+            return
+        if workers is None:
+            workers = len(missing) if self.device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+        self.store()                                                 # extracted once, here, before any worker
+        if workers == 1 or len(missing) == 1:
+            for job in missing:
+                job.train(self)
+            return
+        _run_training_workers(self, missing, workers)
+
+
+@dataclass(frozen=True)
+class Training:
+    """One SAE for :meth:`Experiment.train_side_by_side`. ``Training()`` is ``exp.usae()``,
+    ``Training(init="official")`` is ``exp.usae(init="official")``, ``Training(model="toy_vit")`` is
+    ``exp.independent_sae("toy_vit")``; ``changes``: ``((field, value), ...)``, the keyword arguments of those
+    methods (TrainConfig fields, and ``seed`` for an independent SAE)."""
+
+    model: str | None = None
+    init: str | None = None
+    changes: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.changes, tuple) or not all(
+                isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], str) for c in self.changes):
+            raise ValueError(f"Training: changes = {self.changes!r} is not valid; expected a tuple of "
+                             "(field, value) pairs, e.g. (('update', 'joint'),)")
+        if self.model is not None and self.init is not None:
+            raise ValueError(f"Training: init = {self.init!r} is only valid for the USAE (model = None); an "
+                             f"independent SAE ({self.model!r}) starts as the USAE's config says")
+
+    def train(self, exp: Experiment) -> None:
+        """Train (or find cached) this SAE of ``exp`` in this process."""
+        if self.model is None:
+            exp.usae(init=self.init, **dict(self.changes))
+        else:
+            exp.independent_sae(self.model, **dict(self.changes))
+
+    def label(self) -> str:
+        what = "USAE" if self.model is None else f"SAE {self.model}"
+        extra = ([f"init={self.init}"] if self.init else []) + [f"{k}={v!r}" for k, v in self.changes]
+        return f"{what} ({', '.join(extra)})" if extra else what
+
+
+def _training_worker(spec_json: str) -> None:
+    """Entry of a training worker process (``python -c``): one thread, train one SAE into the runs cache."""
+    torch.set_num_threads(1)
+    spec = json.loads(spec_json)
+    exp = Experiment(ExperimentConfig.from_dict(spec["config"]), runs=spec["runs"], progress=False)
+    Training(spec["model"], spec["init"], tuple((k, v) for k, v in spec["changes"])).train(exp)
+
+
+def _run_training_workers(exp: Experiment, jobs: list[Training], workers: int) -> None:
+    """Train ``jobs`` in up to ``workers`` fresh interpreter processes at once (one torch thread each)."""
+    import subprocess
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    pending, running = list(jobs), {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bar = tqdm(total=len(jobs), desc=f"train {len(jobs)} SAEs side by side", disable=not exp.progress, leave=False)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                spec = json.dumps({"config": exp.config.to_dict(), "runs": str(exp.runs), "model": job.model,
+                                   "init": job.init, "changes": [list(c) for c in job.changes]})
+                cmd = [sys.executable, "-c",
+                       "import sys; from usae.experiment import _training_worker; _training_worker(sys.argv[1])", spec]
+                log = tempfile.TemporaryFile()     # a file, not a pipe: a chatty worker never blocks on it
+                running[job] = (subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log), log)
+            time.sleep(0.2)
+            for job, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.seek(0)
+                err = log.read().decode(errors="replace").strip()
+                log.close()
+                del running[job]
+                if proc.returncode != 0:
+                    raise RuntimeError(f"training {job.label()} failed (exit code {proc.returncode}): "
+                                       f"{err.splitlines()[-1] if err else 'no message'}")
+                bar.update(1)
+    finally:
+        for proc, log in running.values():
+            proc.kill()
+            log.close()
+        bar.close()
 
 
 @dataclass
