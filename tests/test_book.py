@@ -142,3 +142,14 @@ def test_papermill_runs_a_chapter_with_injected_parameters(tmp_path):
     assert not any(o.get("output_type") == "error" for c in nb["cells"] for o in c.get("outputs", []))
     source = "".join("".join(c["source"]) for c in nb["cells"])
     assert "n_examples = 5" in source
+
+
+def test_execution_phases_put_the_builders_first_and_the_timing_chapter_alone_last():
+    from usae.book import EXECUTE_FIRST, EXECUTE_LAST, execution_phases
+
+    phases = [[p.stem for p in phase] for phase in execution_phases(repo_root())]
+    assert phases[:3] == [[n] for n in EXECUTE_FIRST] and phases[-1:] == [[n] for n in EXECUTE_LAST]
+    middle = phases[3]
+    assert len(phases) == 5 and "04_cross_reconstruction" in middle and "09_cam" in middle
+    every = sorted(p.stem for p in (repo_root() / "book").glob("*.ipynb"))
+    assert sorted(n for phase in phases for n in phase) == every

@@ -1,9 +1,11 @@
 """Build the research book, and run its claims across seeds.
 
 ``usae book [--output DIR] [--preset smoke|book|paper]`` (``make book`` calls it) vendors
-plotly.js, executes every chapter afresh (``execute_notebooks: force``) and renders HTML with Jupyter Book 1.x;
-a failing cell or any Sphinx warning fails the build. The chapters read the preset from ``USAE_PRESET``, the
-pipeline seed from ``USAE_SEED`` and the artifact cache from ``USAE_RUNS``.
+plotly.js, executes every chapter afresh (the first three in turn, the chapters that only read their
+artifacts side by side, the timing chapter alone) and renders HTML with Jupyter Book 1.x from a staged copy of
+the sources holding the executed notebooks; a failing cell or any Sphinx warning fails the build. The chapters
+read the preset from ``USAE_PRESET``, the pipeline seed from ``USAE_SEED`` and the artifact cache from
+``USAE_RUNS``.
 
 ``usae seeds --preset book --seeds 0-4 [--jobs 2]`` (``make seeds``) executes the chapters with
 papermill for every seed (no rendering; chapter 10, which only times kernels, is left out unless named), with
@@ -20,10 +22,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from html import unescape
 from pathlib import Path
+from typing import Any
 
 from usae._checks import positive_int
 from usae.config import PRESETS, repo_root
@@ -86,12 +90,115 @@ def page_problems(html_root: Path) -> list[PageProblem]:
     return problems
 
 
+# the order in which `usae book` executes the notebooks of book/: these first, one at a time (each builds what
+# the next needs: the zoo, the store, the USAE), then every other notebook side by side (one thread each; they
+# read what is cached), then these last, alone (chapter 10 times kernels on a quiet machine)
+EXECUTE_FIRST = ("01_toy_world", "02_extraction", "03_training")
+EXECUTE_LAST = ("10_performance",)
+
+
+def execution_phases(root: Path) -> list[list[Path]]:
+    """The notebooks of ``root/book`` in :data:`EXECUTE_FIRST` order (one phase each), then the others (one
+    phase, run side by side), then :data:`EXECUTE_LAST` (one phase each)."""
+    found = {p.stem: p for p in sorted((root / "book").glob("*.ipynb"))}
+    first = [[found[n]] for n in EXECUTE_FIRST if n in found]
+    last = [[found[n]] for n in EXECUTE_LAST if n in found]
+    middle = [p for n, p in found.items() if n not in EXECUTE_FIRST + EXECUTE_LAST]
+    return first + ([middle] if middle else []) + last
+
+
+def _execute_notebook(src: str, dst: str, cwd: str) -> None:
+    """Execute one notebook (in a worker process) with its cells' errors kept as outputs; write it to ``dst``."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(src, as_version=4)
+    NotebookClient(nb, timeout=None, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": cwd}}).execute()
+    nbformat.write(nb, dst)
+
+
+def _failed_notebook(src: Path, dst: Path, message: str) -> None:
+    """``src`` with one error output in front, so that its page shows (and :func:`page_problems` finds) a
+    notebook whose kernel could not finish."""
+    import nbformat
+
+    nb = nbformat.read(str(src), as_version=4)
+    cell = nbformat.v4.new_code_cell("# the notebook could not be executed")
+    cell.outputs = [nbformat.v4.new_output("error", ename="ExecutionError", evalue=message,
+                                           traceback=[f"ExecutionError: {message}"])]
+    nb.cells.insert(0, cell)
+    nbformat.write(nb, str(dst))
+
+
+def execute_book(root: Path, out: Path, env: dict[str, str]) -> dict[str, float]:
+    """Execute every notebook of ``root/book`` into ``out`` (same names) in :func:`execution_phases` order,
+    up to one notebook per core at a time in the side-by-side phase; returns seconds per notebook.
+
+    Each notebook runs in its own process and kernel, in ``root/book``. A kernel that dies leaves its page
+    with an error output instead of failing the build there (the build then reports it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    slots = max(1, os.cpu_count() or 1)
+    for phase in execution_phases(root):
+        side_by_side = len(phase) > 1
+        phase_env = {**env, "OMP_NUM_THREADS": "1"} if side_by_side else env
+        pending = sorted(phase, key=lambda p: -_EXPECTED_SECONDS.get(p.stem, 0))   # longest first
+        running: dict[Path, tuple[subprocess.Popen, Any, float]] = {}
+        while pending or running:
+            while pending and len(running) < (slots if side_by_side else 1):
+                nb = pending.pop(0)
+                cmd = [sys.executable, "-c", "import sys; from usae.book import _execute_notebook; "
+                       "_execute_notebook(*sys.argv[1:])", str(nb), str(out / nb.name), str(root / "book")]
+                log = tempfile.TemporaryFile()     # a file, not a pipe: kernel logs never block the worker
+                running[nb] = (subprocess.Popen(cmd, cwd=root / "book", env=phase_env, stderr=log,
+                                                stdout=subprocess.DEVNULL), log, time.perf_counter())
+            time.sleep(0.2)
+            for nb, (proc, log, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.seek(0)
+                err = log.read().decode(errors="replace").strip()
+                log.close()
+                del running[nb]
+                seconds[nb.stem] = time.perf_counter() - started
+                if proc.returncode != 0 or not (out / nb.name).exists():
+                    last = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
+                    _failed_notebook(nb, out / nb.name, last)
+                    print(f"{nb.stem}: could not be executed ({last})", flush=True)
+                else:
+                    print(f"executed {nb.stem} in {seconds[nb.stem]:.0f} s", flush=True)
+    return seconds
+
+
+# measured seconds of the side-by-side notebooks at the book preset (an order for the scheduler, not a claim)
+_EXPECTED_SECONDS = {"09_cam": 70, "04_cross_reconstruction": 60, "06_concepts": 20, "07_consistency": 15,
+                     "08_ground_truth": 15, "05_universality": 5}
+
+
+def _stage(root: Path, executed: Path, stage: Path) -> None:
+    """A copy of the book's sources in ``stage`` with the executed notebooks, rendered without executing."""
+    import yaml
+
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(root / "book", stage / "book", ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
+    for nb in executed.glob("*.ipynb"):
+        shutil.copyfile(nb, stage / "book" / nb.name)
+    shutil.copyfile(root / "_toc.yml", stage / "_toc.yml")
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    config.setdefault("execute", {})["execute_notebooks"] = "off"
+    (stage / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+
 def build(output: Path | None = None, preset: str | None = None, root: Path | None = None) -> Path:
     """Execute and render the book; returns the path of ``index.html``.
 
-    Every chapter renders even when a cell fails (a failed claim shows on its page as a marked box and its
-    traceback); the build then raises ``RuntimeError`` listing each failure (page, cell, message) and each page
-    over 2 MiB, after printing where the rendered book is. A Sphinx warning or a missing page also raises."""
+    The notebooks are executed first (:func:`execute_book`: the first chapters in turn, the rest side by side,
+    the timing chapter alone), then Jupyter Book renders a staged copy of the sources holding them, without
+    executing again (``jupyter-book build .`` alone still executes every chapter in turn). Every chapter
+    renders even when a cell fails (a failed claim shows on its page as a marked box and its traceback); the
+    build then raises ``RuntimeError`` listing each failure (page, cell, message) and each page over 2 MiB,
+    after printing where the rendered book is. A Sphinx warning or a missing page also raises."""
     root = root or repo_root()
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset = {preset!r} is not valid; expected one of {list(PRESETS)}")
@@ -99,11 +206,13 @@ def build(output: Path | None = None, preset: str | None = None, root: Path | No
     env = dict(os.environ)
     if preset is not None:
         env["USAE_PRESET"] = preset
-    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
-           "build", str(root), "-W", "--keep-going", "--all"]
-    if output is not None:
-        cmd += ["--path-output", str(output)]
     started = time.perf_counter()
+    work = (output or root) / "_build" / ".usae-book"
+    shutil.rmtree(work, ignore_errors=True)
+    execute_book(root, work / "executed", env)
+    _stage(root, work / "executed", work / "source")
+    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+           "build", str(work / "source"), "-W", "--keep-going", "--all", "--path-output", str(output or root)]
     result = subprocess.run(cmd, cwd=root, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit code {result.returncode}); see the log above")
