@@ -21,3 +21,13 @@ def pytest_sessionfinish(session, exitstatus):
     """Remove the temporary artifact cache this session created (a caller's USAE_RUNS is left alone)."""
     if _OWN_RUNS is not None:
         shutil.rmtree(_OWN_RUNS, ignore_errors=True)
+
+
+# the longest files first: under pytest-xdist (`make test`) a file runs on one worker, and a long file that starts
+# last keeps one worker busy alone at the end (the smoke book build takes minutes)
+_LONGEST_FIRST = ("test_book.py", "test_claims.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
