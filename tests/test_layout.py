@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "usae"
 # lowest first: a module may import only from its own layer or a lower one
-LAYERS = [("usae.config", "usae._io", "usae._checks"), ("usae.data",), ("usae.core",), ("usae.stats",),
+LAYERS = [("usae.config", "usae._io", "usae._checks", "usae._workers"), ("usae.data",), ("usae.core",), ("usae.stats",),
           ("usae.train",), ("usae.cam",), ("usae.viz",), ("usae.perf",),
           ("usae.experiment", "usae.planted", "usae.claims", "usae.book", "usae.cli")]
 

@@ -22,14 +22,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from html import unescape
 from pathlib import Path
-from typing import Any
 
 from usae._checks import positive_int
+from usae._workers import Call, Done, run_calls
 from usae.config import PRESETS, repo_root
 
 
@@ -139,35 +138,23 @@ def execute_book(root: Path, out: Path, env: dict[str, str]) -> dict[str, float]
     with an error output instead of failing the build there (the build then reports it)."""
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    slots = max(1, os.cpu_count() or 1)
+
+    def on_done(done: Done) -> None:
+        nb = Path(str(done.key))
+        seconds[nb.stem] = done.seconds
+        if not done.ok or not (out / nb.name).exists():
+            _failed_notebook(nb, out / nb.name, done.reason())
+            print(f"{nb.stem}: could not be executed ({done.reason()})", flush=True)
+        else:
+            print(f"executed {nb.stem} in {done.seconds:.0f} s", flush=True)
+
     for phase in execution_phases(root):
         side_by_side = len(phase) > 1
-        phase_env = {**env, "OMP_NUM_THREADS": "1"} if side_by_side else env
-        pending = sorted(phase, key=lambda p: -_EXPECTED_SECONDS.get(p.stem, 0))   # longest first
-        running: dict[Path, tuple[subprocess.Popen, Any, float]] = {}
-        while pending or running:
-            while pending and len(running) < (slots if side_by_side else 1):
-                nb = pending.pop(0)
-                cmd = [sys.executable, "-c", "import sys; from usae.book import _execute_notebook; "
-                       "_execute_notebook(*sys.argv[1:])", str(nb), str(out / nb.name), str(root / "book")]
-                log = tempfile.TemporaryFile()     # a file, not a pipe: kernel logs never block the worker
-                running[nb] = (subprocess.Popen(cmd, cwd=root / "book", env=phase_env, stderr=log,
-                                                stdout=subprocess.DEVNULL), log, time.perf_counter())
-            time.sleep(0.2)
-            for nb, (proc, log, started) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.seek(0)
-                err = log.read().decode(errors="replace").strip()
-                log.close()
-                del running[nb]
-                seconds[nb.stem] = time.perf_counter() - started
-                if proc.returncode != 0 or not (out / nb.name).exists():
-                    last = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
-                    _failed_notebook(nb, out / nb.name, last)
-                    print(f"{nb.stem}: could not be executed ({last})", flush=True)
-                else:
-                    print(f"executed {nb.stem} in {seconds[nb.stem]:.0f} s", flush=True)
+        ordered = sorted(phase, key=lambda p: -_EXPECTED_SECONDS.get(p.stem, 0))   # longest first
+        calls = [Call(str(nb), "usae.book", "_execute_notebook", (str(nb), str(out / nb.name), str(root / "book")))
+                 for nb in ordered]
+        run_calls(calls, max(1, os.cpu_count() or 1) if side_by_side else 1,
+                  {**env, "OMP_NUM_THREADS": "1"} if side_by_side else env, on_done, cwd=root / "book")
     return seconds
 
 

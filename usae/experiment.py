@@ -493,40 +493,25 @@ def _training_worker(spec_json: str) -> None:
 
 def _run_training_workers(exp: Experiment, jobs: list[Training], workers: int) -> None:
     """Train ``jobs`` in up to ``workers`` fresh interpreter processes at once (one torch thread each)."""
-    import subprocess
-    import tempfile
-
     from tqdm.auto import tqdm
 
-    pending, running = list(jobs), {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from usae._workers import Call, Done, run_calls
+
     bar = tqdm(total=len(jobs), desc=f"train {len(jobs)} SAEs side by side", disable=not exp.progress, leave=False)
+
+    def on_done(done: Done) -> None:
+        if not done.ok:
+            raise RuntimeError(f"training {jobs[int(done.key)].label()} failed (exit code {done.returncode}): "
+                               f"{done.last_error_line or 'no message'}")
+        bar.update(1)
+
+    calls = [Call(i, "usae.experiment", "_training_worker",
+                  (json.dumps({"config": exp.config.to_dict(), "runs": str(exp.runs), "model": job.model,
+                               "init": job.init, "changes": [list(c) for c in job.changes]}),))
+             for i, job in enumerate(jobs)]
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                spec = json.dumps({"config": exp.config.to_dict(), "runs": str(exp.runs), "model": job.model,
-                                   "init": job.init, "changes": [list(c) for c in job.changes]})
-                cmd = [sys.executable, "-c",
-                       "import sys; from usae.experiment import _training_worker; _training_worker(sys.argv[1])", spec]
-                log = tempfile.TemporaryFile()     # a file, not a pipe: a chatty worker never blocks on it
-                running[job] = (subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log), log)
-            time.sleep(0.2)
-            for job, (proc, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.seek(0)
-                err = log.read().decode(errors="replace").strip()
-                log.close()
-                del running[job]
-                if proc.returncode != 0:
-                    raise RuntimeError(f"training {job.label()} failed (exit code {proc.returncode}): "
-                                       f"{err.splitlines()[-1] if err else 'no message'}")
-                bar.update(1)
+        run_calls(calls, workers, {**os.environ, "OMP_NUM_THREADS": "1"}, on_done)
     finally:
-        for proc, log in running.values():
-            proc.kill()
-            log.close()
         bar.close()
 
 

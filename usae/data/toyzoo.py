@@ -37,6 +37,7 @@ from usae.config import BackboneSpec, ToyWorldConfig, ZooTrainConfig
 from usae._io import atomic_write
 from usae.data.toyworld import FACTORS, LEVELS, TRAIN_TEXTURES, ToyBatch, ToyWorld
 from usae._checks import positive_int
+from usae._workers import Call, Done, run_calls
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,27 @@ class Task:
     ``"class"`` (cross-entropy over pooled tokens, scored by accuracy) or ``"patch"`` (cross-entropy of a
     linear map of every token against its patch's label, patches labelled -1 ignored; scored by accuracy over
     labelled patches). ``label`` names a ``ToyBatch.image_labels`` entry, or ``"patch.<factor>"`` for a
-    ``patch_labels`` entry. ``factors``: the per-patch factors of ``usae.data.toyworld.FACTORS`` it needs."""
+    ``patch_labels`` entry. ``factors``: the per-patch factors of ``usae.data.toyworld.FACTORS`` it needs.
+    ``none`` (patch tasks only): the patches labelled -1 form one more class, the last of ``n_outputs``
+    ("none of these here"), instead of being ignored; the head is then scored over every patch."""
 
     name: str
     label: str
     kind: str
     n_outputs: int
     factors: tuple[str, ...]
+    none: bool = False
+
+    def targets(self, y: Tensor) -> Tensor:
+        """The labels the head learns: ``y`` with -1 mapped to the "none" class when ``none`` is set."""
+        return torch.where(y < 0, self.n_outputs - 1, y) if self.none else y
 
 
 PATCH_COLOR = Task("patch_color", "patch.color", "patch", len(FACTORS["color"]), ("color",))
-PATCH_SHAPE = Task("patch_shape", "patch.shape", "patch", len(FACTORS["shape"]), ("shape",))
+# the shape head also says "no simple shape here" (background, a shape's border, a composed object): with the
+# -1 patches ignored, the models were never told where a shape is *not*, and the USAE's shape concepts fired on
+# the patches around a shape as often as on it
+PATCH_SHAPE = Task("patch_shape", "patch.shape", "patch", len(FACTORS["shape"]) + 1, ("shape",), none=True)
 PATCH_OBJECT = Task("patch_object", "patch.object", "patch", len(FACTORS["object"]), ("object",))
 PATCH_PART = Task("patch_part", "patch.part", "patch", len(FACTORS["part"]), ("part",))
 TEXTURE = Task("texture", "texture", "class", len(TRAIN_TEXTURES), ("texture",))
@@ -151,7 +162,7 @@ def _loss(logits: dict[str, Tensor], labels: dict[str, Tensor], tasks: tuple[Tas
         if t.kind == "multilabel":
             total = total + F.binary_cross_entropy_with_logits(logits[t.name], y)
         elif t.kind == "patch":
-            total = total + F.cross_entropy(logits[t.name].flatten(0, 2), y.flatten(), ignore_index=-1)
+            total = total + F.cross_entropy(logits[t.name].flatten(0, 2), t.targets(y).flatten(), ignore_index=-1)
         else:
             total = total + F.cross_entropy(logits[t.name], y)
     return total
@@ -177,7 +188,8 @@ def _score(task: Task, logits: Tensor, labels: Tensor) -> dict[str, float]:
         return {"value": float(np.nanmean(ap.numpy())), "metric": "mAP",
                 "chance": float(prevalence.mean().item()), "f1": f1}
     if task.kind == "patch":
-        logits, labels = logits.flatten(0, 2)[labels.flatten() >= 0], labels.flatten()[labels.flatten() >= 0]
+        labels = task.targets(labels).flatten()
+        logits, labels = logits.flatten(0, 2)[labels >= 0], labels[labels >= 0]
     counts = torch.bincount(labels, minlength=task.n_outputs)
     return {"value": float((logits.argmax(1) == labels).float().mean().item()), "metric": "accuracy",
             "chance": float(counts.max().item() / max(len(labels), 1))}
@@ -332,48 +344,42 @@ def _yielding(remaining: dict[str, float], cores: int) -> set[str]:
 
 def _train_in_workers(world: ToyWorld, cfg: ZooTrainConfig, work: Path, progress: bool, workers: int) -> dict:
     """Train the zoo's models in up to ``workers`` fresh interpreter processes with one thread each."""
-    import subprocess
-    import sys
-
-    pending, running, report, prioritised = list(cfg.models), {}, {}, False
+    report: dict[str, dict] = {}
+    prioritised = False
     cores = os.cpu_count() or 1
-    bar = tqdm(total=len(pending), desc="train toy zoo (models, in parallel)", disable=not progress, leave=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bar = tqdm(total=len(cfg.models), desc="train toy zoo (models, in parallel)", disable=not progress, leave=False)
+
+    def on_poll(pids: dict, n_pending: int) -> None:
+        # once every worker has started and timed its first steps, the longest ones keep their cores (a
+        # scheduling hint only: each model's result does not depend on it)
+        nonlocal prioritised
+        if n_pending or prioritised:
+            return
+        remaining = _remaining_cpu(work, list(pids))
+        if remaining is not None:
+            prioritised = True
+            for name in _yielding(remaining, cores):
+                try:
+                    os.setpriority(os.PRIO_PROCESS, pids[name], _NICE)
+                except OSError:
+                    pass
+
+    def on_done(done: Done) -> None:
+        name = str(done.key)
+        if not done.ok:
+            raise RuntimeError(f"training toy model {name!r} failed (exit code {done.returncode}): "
+                               f"{done.last_error_line or 'no message'}")
+        report[name] = json.loads((work / f"{name}.report.json").read_text())
+        (work / f"{name}.report.json").unlink()
+        (work / f"{name}.progress.json").unlink(missing_ok=True)
+        bar.update(1)
+
+    calls = [Call(name, "usae.data.toyzoo", "_worker_main",
+                  (json.dumps({"name": name, "world": world.cfg.to_dict(), "zoo": cfg.to_dict(), "work": str(work)}),))
+             for name in cfg.models]
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                name = pending.pop(0)
-                spec = json.dumps({"name": name, "world": world.cfg.to_dict(), "zoo": cfg.to_dict(), "work": str(work)})
-                cmd = [sys.executable, "-c", "import sys; from usae.data.toyzoo import _worker_main; _worker_main(sys.argv[1])",
-                       spec]
-                running[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(0.2)
-            if not pending and not prioritised:
-                # once every running worker has timed its first steps, the longest ones keep their cores (a
-                # scheduling hint only: each model's result does not depend on it)
-                remaining = _remaining_cpu(work, list(running))
-                if remaining is not None:
-                    prioritised = True
-                    for name in _yielding(remaining, cores):
-                        try:
-                            os.setpriority(os.PRIO_PROCESS, running[name].pid, _NICE)
-                        except OSError:
-                            pass
-            for name, proc in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                del running[name]
-                if proc.returncode != 0:
-                    raise RuntimeError(f"training toy model {name!r} failed (exit code {proc.returncode}): "
-                                       f"{err.strip().splitlines()[-1] if err.strip() else 'no message'}")
-                report[name] = json.loads((work / f"{name}.report.json").read_text())
-                (work / f"{name}.report.json").unlink()
-                (work / f"{name}.progress.json").unlink(missing_ok=True)
-                bar.update(1)
+        run_calls(calls, workers, {**os.environ, "OMP_NUM_THREADS": "1"}, on_done, on_poll=on_poll)
     finally:
-        for proc in running.values():
-            proc.kill()
         bar.close()
     return {name: report[name] for name in cfg.models}
 
