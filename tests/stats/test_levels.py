@@ -7,20 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from usae.stats.groundtruth import GroundTruthStats
 from usae.stats.levels import bar_detection, factor_recovery, level_recovery, linear_probe
 
 
-def planted_gt(seed: int = 0) -> GroundTruthStats:
-    """Random AUROC tables for 3 models, 12 concepts and factors a (3 values), b (2), c (4; value 3 absent)."""
-    g = torch.Generator().manual_seed(seed)
-    auroc = {f: 0.5 + 0.5 * torch.rand(3, 12, v, generator=g).double() for f, v in (("a", 3), ("b", 2), ("c", 4))}
-    auroc["c"][:, :, 3] = math.nan
-    n_pos = {"a": torch.tensor([5, 5, 5]), "b": torch.tensor([4, 4]), "c": torch.tensor([3, 3, 3, 0])}
-    return GroundTruthStats(("x", "y", "z"), 100, auroc, n_pos, {"a": ("a0", "a1", "a2")})
-
-
-def test_factor_and_level_recovery_match_brute_force():
+def test_factor_and_level_recovery_match_brute_force(planted_gt):
     gt = planted_gt()
     design = [SimpleNamespace(factor="a", level="low", models=("x", "y", "z"), expected="universal"),
               SimpleNamespace(factor="b", level="low", models=("y",), expected="unique"),
@@ -46,7 +36,7 @@ def test_factor_and_level_recovery_match_brute_force():
         factor_recovery(gt, [SimpleNamespace(factor="d", level="low", models=(), expected="none")])
 
 
-def test_best_universal_and_value_names():
+def test_best_universal_and_value_names(planted_gt):
     gt = planted_gt(1)
     v, k, auc = gt.best_universal("a")
     worst = gt.auroc["a"].min(0).values                               # [m, V]
@@ -54,7 +44,7 @@ def test_best_universal_and_value_names():
     assert gt.value_name("a", 1) == "a1" and gt.value_name("c", 2) == "2"
 
 
-def test_bar_detection_matches_brute_force():
+def test_bar_detection_matches_brute_force(planted_gt):
     gt = planted_gt(2)
     g = torch.Generator().manual_seed(3)
     fires = torch.randint(0, 5, (3, 12), generator=g)
@@ -113,3 +103,20 @@ def test_linear_probe_finds_a_planted_linear_factor():
         linear_probe(store, "x", "h")
     with pytest.raises(ValueError, match="fewer than two"):
         linear_probe(store, "x", "g")
+
+
+def test_best_detectors_match_brute_force(planted_gt):
+    from usae.stats.levels import best_detectors
+
+    gt = planted_gt(4)
+    det = best_detectors(gt, "c")                                       # value 3 has no positive token
+    assert det.values == ("0", "1", "2") and det.concepts.shape == (3, 3) == det.auroc.shape
+    for i in range(3):
+        for v in range(3):
+            col = gt.auroc["c"][i, :, v]
+            assert int(det.concepts[i, v]) == int(col.argmax()) and float(det.auroc[i, v]) == float(col.max())
+    assert det.distinct == len({int(gt.auroc["c"][i, :, v].argmax()) for i in range(3) for v in range(3)})
+    rows = det.rows()
+    assert [r["c"] for r in rows] == ["0", "1", "2"] and rows[0]["x"].startswith(f"c{int(det.concepts[0, 0])} (")
+    with pytest.raises(ValueError, match="'d'"):
+        best_detectors(gt, "d")

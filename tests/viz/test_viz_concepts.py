@@ -15,6 +15,7 @@ from usae.stats.firing import FiringStats
 from usae.stats.galleries import Gallery
 from usae.stats.groundtruth import GroundTruthAccumulator
 from usae.viz import concepts as vc
+from usae.viz import groundtruth as vg
 
 NAMES = ("a", "b", "c")
 
@@ -127,9 +128,9 @@ def test_matched_cosine_and_truth_figures_build():
         acc.update({n: SparseCode(torch.rand(10, 2, generator=g), torch.rand(10, 6, generator=g).topk(2).indices, 6)
                     for n in NAMES})
     gt = acc.result({"color": torch.randint(-1, 3, (20,), generator=g)}, value_names={"color": ("r", "g", "b")})
-    heat = vc.auroc_heatmap(gt, [0, 2, 5])
+    heat = vg.auroc_heatmap(gt, [0, 2, 5])
     assert heat.data[0].z.shape == (3, 3) and list(heat.data[0].x) == ["color:r", "color:g", "color:b"]
-    rec = vc.recovery_figure(gt)
+    rec = vg.recovery_figure(gt)
     assert len(rec.data) == 4 and len(rec.data[0].x) == 3
 
 
@@ -186,7 +187,7 @@ def test_recovery_and_group_tables():
     assert rows[0]["concepts"] == 1 and rows[0]["median worst-model AUROC"] == 1.0
     assert rows[1]["median worst-model AUROC"] < 0.9
     st = make_stats(m=8)
-    fig = vc.truth_scatter(st, gt)
+    fig = vg.truth_scatter(st, gt)
     assert len(fig.data[0].x) == int((~st.never_fired).sum()) and "color:" in fig.data[0].text[0]
 
 

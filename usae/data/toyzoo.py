@@ -1,9 +1,9 @@
 """The toy model zoo: each toy backbone of ``usae.data.zoo`` trained on its own tasks over the toy world.
 
 Every model shares one per-patch head per level of abstraction: a linear map of each output token names its
-patch's colour (low), shape (mid), object and part (high); the ViT and the Mixer also name the background
-texture, and the ConvNeXt alone names the background colour, from the mean and the max of the tokens
-(:data:`TASKS`; :func:`task_design` states what this means for each factor). Every head reads the
+patch's colour (low), shape (mid; or "none" where no simple shape covers most of the patch), object and part
+(high); the ViT and the Mixer also name the background texture, and the ConvNeXt alone names the background
+colour, from the mean and the max of the tokens (:data:`TASKS`; :func:`task_design` states what this means for each factor). Every head reads the
 *backbone's output tokens* (the ones ``usae.data.extract`` later reads), so those token features are exactly
 the ones the tasks shaped. Per-patch heads make every token of a thing carry its factors; image-level heads
 ("which shapes are present") let the answer sit on a few tokens, and no USAE concept then detected a shape on

@@ -2,7 +2,9 @@
 
 From a ``GroundTruthStats`` (``usae.stats.groundtruth``) and the zoo's task design: which factor values ONE
 concept detects in every model, per factor and per level (:func:`factor_recovery`, :func:`level_recovery`);
-the paper's universality bar scored as a detector of truly universal concepts (:func:`bar_detection`); and
+which concepts each model uses as its best detector of each value of a factor (:func:`best_detectors`: one
+shared concept for every shape means the USAE found "a shape is here", not which shape); the paper's
+universality bar scored as a detector of truly universal concepts (:func:`bar_detection`); and
 a linear probe of a model's tokens, which tells whether a model encodes a factor at all (:func:`linear_probe`).
 """
 
@@ -19,8 +21,8 @@ from torch import Tensor
 
 from usae.stats.groundtruth import GroundTruthStats
 
-__all__ = ["FactorRecovery", "factor_recovery", "LevelRecovery", "level_recovery", "BarDetection", "bar_detection",
-           "ProbeResult", "linear_probe"]
+__all__ = ["FactorRecovery", "factor_recovery", "LevelRecovery", "level_recovery", "BestDetectors", "best_detectors",
+           "BarDetection", "bar_detection", "ProbeResult", "linear_probe"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,40 @@ def level_recovery(rows: Sequence[FactorRecovery]) -> list[LevelRecovery]:
                                  sum(r.universal for r in uni), tuple(r.factor for r in spec),
                                  max((r.outside for r in spec), default=0)))
     return out
+
+
+@dataclass(frozen=True)
+class BestDetectors:
+    """For each present value of one factor, each model's best single concept as a detector of it.
+
+    concepts: [M, V] concept ids (order of ``names`` and ``values``); auroc: [M, V] their AUROC.
+    """
+
+    factor: str
+    names: tuple[str, ...]
+    values: tuple[str, ...]
+    concepts: Tensor
+    auroc: Tensor
+
+    @property
+    def distinct(self) -> int:
+        """How many different concepts are the best detector of some value in some model (1 .. M * V)."""
+        return len(set(self.concepts.reshape(-1).tolist()))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain row per value: each model's best concept and its AUROC, for display."""
+        return [{self.factor: v, **{n: f"c{int(self.concepts[i, j])} ({float(self.auroc[i, j]):.2f})"
+                                    for i, n in enumerate(self.names)}} for j, v in enumerate(self.values)]
+
+
+def best_detectors(gt: GroundTruthStats, factor: str) -> BestDetectors:
+    """Each model's best concept for each value of ``factor`` that has positive tokens."""
+    if factor not in gt.factors:
+        raise ValueError(f"factor = {factor!r} is not valid; expected one of {list(gt.factors)}")
+    present = [v for v in range(len(gt.n_positive[factor])) if int(gt.n_positive[factor][v]) > 0]
+    best = [gt.best_concept_per_value(factor, n) for n in gt.names]
+    return BestDetectors(factor, tuple(gt.names), tuple(gt.value_name(factor, v) for v in present),
+                         torch.stack([b[0][present] for b in best]), torch.stack([b[1][present] for b in best]))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 - ``core`` (re-exported here): image grids, heatmaps, tables, lines, the R² matrix, the update-rule diagram;
 - ``concepts``: concept galleries, universality scatter plots, the concept explorer;
+- ``groundtruth``: concepts against the toy world's truth (recovery per level, the paper's bar as a detector);
 - ``perf``: benchmark tables, FLOP and timing bars, kernel diagrams;
 - ``cam``: CAM images and their comparisons with exemplars.
 """
