@@ -146,40 +146,24 @@ def test_models_trained_in_worker_processes_equal_one_thread_training(world, tmp
 
 
 def test_patch_heads_score_every_token_and_ignore_absent_patches():
-    heads = toyzoo.TaskHeads(6, (toyzoo.PATCH_COLOR, toyzoo.TEXTURE))
+    heads = toyzoo.TaskHeads(6, (toyzoo.PATCH_SHAPE, toyzoo.TEXTURE))
     tokens = torch.randn(2, 8, 8, 6)
     out = heads(tokens)
-    assert out["patch_color"].shape == (2, 8, 8, toyzoo.PATCH_COLOR.n_outputs)
+    assert out["patch_shape"].shape == (2, 8, 8, toyzoo.PATCH_SHAPE.n_outputs)
     assert out["texture"].shape == (2, toyzoo.TEXTURE.n_outputs)
     # a linear head on each token: permuting tokens permutes the patch logits
     perm = torch.randperm(64)
     shuffled = tokens.flatten(1, 2)[:, perm].reshape(2, 8, 8, 6)
-    assert torch.allclose(heads(shuffled)["patch_color"].flatten(1, 2), out["patch_color"].flatten(1, 2)[:, perm],
+    assert torch.allclose(heads(shuffled)["patch_shape"].flatten(1, 2), out["patch_shape"].flatten(1, 2)[:, perm],
                           atol=1e-6)
-    labels = {"patch.color": torch.full((2, 8, 8), -1), "texture": torch.tensor([0, 1])}
-    labels["patch.color"][0, 0, 0] = 2
+    labels = {"patch.shape": torch.full((2, 8, 8), -1), "texture": torch.tensor([0, 1])}
+    labels["patch.shape"][0, 0, 0] = 2
     loss = toyzoo._loss(out, labels, heads.tasks)
-    want = (torch.nn.functional.cross_entropy(out["patch_color"][0, 0, 0][None], torch.tensor([2]))
+    want = (torch.nn.functional.cross_entropy(out["patch_shape"][0, 0, 0][None], torch.tensor([2]))
             + torch.nn.functional.cross_entropy(out["texture"], labels["texture"]))
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    score = toyzoo._score(toyzoo.PATCH_COLOR, out["patch_color"], labels["patch.color"])
-    assert score["value"] == float(out["patch_color"][0, 0, 0].argmax() == 2) and score["chance"] == 1.0
-
-
-def test_the_shape_head_names_the_patches_without_a_shape_as_none():
-    task = toyzoo.PATCH_SHAPE
-    assert task.none and task.n_outputs == len(FACTORS["shape"]) + 1
-    logits = torch.randn(2, 8, 8, task.n_outputs)
-    labels = torch.full((2, 8, 8), -1)
-    labels[0, :2] = 1
-    want = labels.clone()
-    want[want < 0] = task.n_outputs - 1                       # brute force: -1 is the last class
-    loss = toyzoo._loss({task.name: logits}, {task.label: labels}, (task,))
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits.flatten(0, 2), want.flatten()).item(),
-                                        rel=1e-6)
-    score = toyzoo._score(task, logits, labels)                  # every patch counts, "none" included
-    assert score["value"] == pytest.approx((logits.argmax(-1) == want).float().mean().item())
-    assert score["chance"] == pytest.approx(112 / 128)
+    score = toyzoo._score(toyzoo.PATCH_SHAPE, out["patch_shape"], labels["patch.shape"])
+    assert score["value"] == float(out["patch_shape"][0, 0, 0].argmax() == 2) and score["chance"] == 1.0
 
 
 def test_step_scale_sets_each_models_steps():

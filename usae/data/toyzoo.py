@@ -1,9 +1,9 @@
 """The toy model zoo: each toy backbone of ``usae.data.zoo`` trained on its own tasks over the toy world.
 
 Every model shares one per-patch head per level of abstraction: a linear map of each output token names its
-patch's colour (low), shape (mid; or "none" where no simple shape covers most of the patch), object and part
-(high); the ViT and the Mixer also name the background texture, and the ConvNeXt alone names the background
-colour, from the mean and the max of the tokens (:data:`TASKS`; :func:`task_design` states what this means for each factor). Every head reads the
+patch's colour (low), shape (mid), object and part (high); the ViT and the Mixer also name the background
+texture, and the ConvNeXt alone names the background colour, from the mean and the max of the tokens
+(:data:`TASKS`; :func:`task_design` states what this means for each factor). Every head reads the
 *backbone's output tokens* (the ones ``usae.data.extract`` later reads), so those token features are exactly
 the ones the tasks shaped. Per-patch heads make every token of a thing carry its factors; image-level heads
 ("which shapes are present") let the answer sit on a few tokens, and no USAE concept then detected a shape on
@@ -46,27 +46,17 @@ class Task:
     ``"class"`` (cross-entropy over pooled tokens, scored by accuracy) or ``"patch"`` (cross-entropy of a
     linear map of every token against its patch's label, patches labelled -1 ignored; scored by accuracy over
     labelled patches). ``label`` names a ``ToyBatch.image_labels`` entry, or ``"patch.<factor>"`` for a
-    ``patch_labels`` entry. ``factors``: the per-patch factors of ``usae.data.toyworld.FACTORS`` it needs.
-    ``none`` (patch tasks only): the patches labelled -1 form one more class, the last of ``n_outputs``
-    ("none of these here"), instead of being ignored; the head is then scored over every patch."""
+    ``patch_labels`` entry. ``factors``: the per-patch factors of ``usae.data.toyworld.FACTORS`` it needs."""
 
     name: str
     label: str
     kind: str
     n_outputs: int
     factors: tuple[str, ...]
-    none: bool = False
-
-    def targets(self, y: Tensor) -> Tensor:
-        """The labels the head learns: ``y`` with -1 mapped to the "none" class when ``none`` is set."""
-        return torch.where(y < 0, self.n_outputs - 1, y) if self.none else y
 
 
 PATCH_COLOR = Task("patch_color", "patch.color", "patch", len(FACTORS["color"]), ("color",))
-# the shape head also says "no simple shape here" (background, a shape's border, a composed object): with the
-# -1 patches ignored, the models were never told where a shape is *not*, and the USAE's shape concepts fired on
-# the patches around a shape as often as on it
-PATCH_SHAPE = Task("patch_shape", "patch.shape", "patch", len(FACTORS["shape"]) + 1, ("shape",), none=True)
+PATCH_SHAPE = Task("patch_shape", "patch.shape", "patch", len(FACTORS["shape"]), ("shape",))
 PATCH_OBJECT = Task("patch_object", "patch.object", "patch", len(FACTORS["object"]), ("object",))
 PATCH_PART = Task("patch_part", "patch.part", "patch", len(FACTORS["part"]), ("part",))
 TEXTURE = Task("texture", "texture", "class", len(TRAIN_TEXTURES), ("texture",))
@@ -162,7 +152,7 @@ def _loss(logits: dict[str, Tensor], labels: dict[str, Tensor], tasks: tuple[Tas
         if t.kind == "multilabel":
             total = total + F.binary_cross_entropy_with_logits(logits[t.name], y)
         elif t.kind == "patch":
-            total = total + F.cross_entropy(logits[t.name].flatten(0, 2), t.targets(y).flatten(), ignore_index=-1)
+            total = total + F.cross_entropy(logits[t.name].flatten(0, 2), y.flatten(), ignore_index=-1)
         else:
             total = total + F.cross_entropy(logits[t.name], y)
     return total
@@ -188,8 +178,7 @@ def _score(task: Task, logits: Tensor, labels: Tensor) -> dict[str, float]:
         return {"value": float(np.nanmean(ap.numpy())), "metric": "mAP",
                 "chance": float(prevalence.mean().item()), "f1": f1}
     if task.kind == "patch":
-        labels = task.targets(labels).flatten()
-        logits, labels = logits.flatten(0, 2)[labels >= 0], labels[labels >= 0]
+        logits, labels = logits.flatten(0, 2)[labels.flatten() >= 0], labels.flatten()[labels.flatten() >= 0]
     counts = torch.bincount(labels, minlength=task.n_outputs)
     return {"value": float((logits.argmax(1) == labels).float().mean().item()), "metric": "accuracy",
             "chance": float(counts.max().item() / max(len(labels), 1))}
