@@ -154,7 +154,7 @@ class ZooTrainConfig(_Config):
     models: tuple[str, ...] = ("toy_vit", "toy_convnext", "toy_mixer")
     n_train_images: int = 6000
     n_val_images: int = 1000
-    steps: int = 900
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
