@@ -2,8 +2,8 @@
 
 From a ``GroundTruthStats`` (``usae.stats.groundtruth``) and the zoo's task design: which factor values ONE
 concept detects in every model, per factor and per level (:func:`factor_recovery`, :func:`level_recovery`);
-which concepts each model uses as its best detector of each value of a factor (:func:`best_detectors`: one
-shared concept for every shape means the USAE found "a shape is here", not which shape); the paper's
+which concept each model uses as its best detector of each value of a factor (:func:`best_detectors`: one
+concept in every model is a shared detector, one concept for several values merges them); the paper's
 universality bar scored as a detector of truly universal concepts (:func:`bar_detection`); and
 a linear probe of a model's tokens, which tells whether a model encodes a factor at all (:func:`linear_probe`).
 """
