@@ -95,10 +95,6 @@ def test_side_by_side_training_equals_one_thread_training_in_turn(tmp_path, one_
 def test_side_by_side_training_rejects_bad_jobs(tmp_path):
     from usae import Training
 
-    with pytest.raises(ValueError, match="only valid for the USAE"):
-        Training(model="toy_vit", init="official")
-    with pytest.raises(ValueError, match=r"changes = .* is not valid"):
-        Training(changes={"steps": 3})
     exp = Experiment(_tiny_config(), runs=tmp_path / "runs", progress=False)
     with pytest.raises(ValueError, match="toy_mixer"):
         exp.train_side_by_side([Training(model="toy_mixer")])

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "usae"
 # lowest first: a module may import only from its own layer or a lower one
 LAYERS = [("usae.config", "usae._io", "usae._checks", "usae._workers"), ("usae.data",), ("usae.core",), ("usae.stats",),
           ("usae.train",), ("usae.cam",), ("usae.viz",), ("usae.perf",),
-          ("usae.experiment", "usae.planted", "usae.claims", "usae.book", "usae.cli")]
+          ("usae.side_by_side", "usae.experiment", "usae.planted", "usae.claims", "usae.book", "usae.cli")]
 
 
 def module_name(path: Path) -> str:

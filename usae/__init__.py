@@ -19,7 +19,8 @@ from usae.config import (
 from usae.core.model import UniversalSAE
 from usae.core.official import load_official
 from usae.core.sparse import SparseCode, sparse_decode, topk_encode
-from usae.experiment import Experiment, Training, load_run
+from usae.experiment import Experiment, load_run
+from usae.side_by_side import Training
 from usae.stats.reconstruction import r2_matrix, self_reconstruction
 from usae.train.trainer import Trainer
 

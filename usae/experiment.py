@@ -27,6 +27,7 @@ from usae._checks import positive_int
 from usae._io import FileLock
 from usae.config import ExperimentConfig, preset, runs_dir, with_seed
 from usae.data.sources import folder_sources, toy_source, with_images
+from usae.side_by_side import Training, train_in_workers
 
 if TYPE_CHECKING:
     from usae.train.history import TrainHistory
@@ -173,7 +174,7 @@ class Experiment:
         """Folder with the trained toy zoo (weights + ``report.json``); trains it on first use."""
         if not self.is_toy:
             raise ValueError(f"source = {self.config.source!r}: only the toy world has a trained zoo")
-        from usae.data.toyzoo import train_toy_zoo
+        from usae.data.toyzoo_build import train_toy_zoo
 
         def build(tmp: Path) -> None:
             train_toy_zoo(self.world, self.config.zoo, tmp, progress=self.progress)
@@ -447,72 +448,7 @@ class Experiment:
             for job in missing:
                 job.train(self)
             return
-        _run_training_workers(self, missing, workers)
-
-
-@dataclass(frozen=True)
-class Training:
-    """One SAE for :meth:`Experiment.train_side_by_side`. ``Training()`` is ``exp.usae()``,
-    ``Training(init="official")`` is ``exp.usae(init="official")``, ``Training(model="toy_vit")`` is
-    ``exp.independent_sae("toy_vit")``; ``changes``: ``((field, value), ...)``, the keyword arguments of those
-    methods (TrainConfig fields, and ``seed`` for an independent SAE)."""
-
-    model: str | None = None
-    init: str | None = None
-    changes: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.changes, tuple) or not all(
-                isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], str) for c in self.changes):
-            raise ValueError(f"Training: changes = {self.changes!r} is not valid; expected a tuple of "
-                             "(field, value) pairs, e.g. (('update', 'joint'),)")
-        if self.model is not None and self.init is not None:
-            raise ValueError(f"Training: init = {self.init!r} is only valid for the USAE (model = None); an "
-                             f"independent SAE ({self.model!r}) starts as the USAE's config says")
-
-    def train(self, exp: Experiment) -> None:
-        """Train (or find cached) this SAE of ``exp`` in this process."""
-        if self.model is None:
-            exp.usae(init=self.init, **dict(self.changes))
-        else:
-            exp.independent_sae(self.model, **dict(self.changes))
-
-    def label(self) -> str:
-        what = "USAE" if self.model is None else f"SAE {self.model}"
-        extra = ([f"init={self.init}"] if self.init else []) + [f"{k}={v!r}" for k, v in self.changes]
-        return f"{what} ({', '.join(extra)})" if extra else what
-
-
-def _training_worker(spec_json: str) -> None:
-    """Entry of a training worker process (``python -c``): one thread, train one SAE into the runs cache."""
-    torch.set_num_threads(1)
-    spec = json.loads(spec_json)
-    exp = Experiment(ExperimentConfig.from_dict(spec["config"]), runs=spec["runs"], progress=False)
-    Training(spec["model"], spec["init"], tuple((k, v) for k, v in spec["changes"])).train(exp)
-
-
-def _run_training_workers(exp: Experiment, jobs: list[Training], workers: int) -> None:
-    """Train ``jobs`` in up to ``workers`` fresh interpreter processes at once (one torch thread each)."""
-    from tqdm.auto import tqdm
-
-    from usae._workers import Call, Done, run_calls
-
-    bar = tqdm(total=len(jobs), desc=f"train {len(jobs)} SAEs side by side", disable=not exp.progress, leave=False)
-
-    def on_done(done: Done) -> None:
-        if not done.ok:
-            raise RuntimeError(f"training {jobs[int(done.key)].label()} failed (exit code {done.returncode}): "
-                               f"{done.last_error_line or 'no message'}")
-        bar.update(1)
-
-    calls = [Call(i, "usae.experiment", "_training_worker",
-                  (json.dumps({"config": exp.config.to_dict(), "runs": str(exp.runs), "model": job.model,
-                               "init": job.init, "changes": [list(c) for c in job.changes]}),))
-             for i, job in enumerate(jobs)]
-    try:
-        run_calls(calls, workers, {**os.environ, "OMP_NUM_THREADS": "1"}, on_done)
-    finally:
-        bar.close()
+        train_in_workers(self, missing, workers)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import torch
 from usae.config import ToyWorldConfig, ZooTrainConfig
 from usae.data import toyzoo
 from usae.data.toyworld import FACTORS, LEVELS, ToyWorld
+from usae.data.toyzoo_build import train_toy_zoo
 
 # toy_mixer is the cheapest model; its texture and patch-colour heads learn fastest, so a few dozen steps beat chance
 TINY = ZooTrainConfig(models=("toy_mixer",), n_train_images=384, n_val_images=160, steps=40, batch_size=32,
@@ -21,7 +22,7 @@ def world() -> ToyWorld:
 @pytest.fixture(scope="module")
 def trained(world: ToyWorld, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("zoo") / "fresh"
-    report = toyzoo.train_toy_zoo(world, TINY, out, progress=False)
+    report = train_toy_zoo(world, TINY, out, progress=False)
     return out, report
 
 
@@ -106,43 +107,9 @@ def test_training_is_seeded(world: ToyWorld):
     assert not torch.equal(other[0].model.state_dict()["stem.proj.weight"], sa["stem.proj.weight"])
 
 
-def test_every_model_trains_into_an_existing_folder(world: ToyWorld, tmp_path: Path):
-    cfg = ZooTrainConfig(n_train_images=32, n_val_images=32, steps=2, batch_size=8)
-    report = toyzoo.train_toy_zoo(world, cfg, tmp_path, progress=False)
-    assert set(report) == set(cfg.models)
-    for name, tasks in toyzoo.TASKS.items():
-        assert set(report[name]["chance"]) == {t.name for t in tasks}
-        assert (tmp_path / f"{name}.safetensors").is_file()
-        assert toyzoo.load_toy_heads(name, tmp_path).heads[tasks[-1].name].out_features == tasks[-1].n_outputs
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-
-
 def test_bad_input_raises(world: ToyWorld, tmp_path: Path):
-    with pytest.raises(ValueError, match="toy_resnet"):
-        toyzoo.train_toy_zoo(world, ZooTrainConfig(models=("toy_resnet",)), tmp_path / "x", progress=False)
-    with pytest.raises(ValueError, match="ToyWorld"):
-        toyzoo.train_toy_zoo("world", TINY, tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="train the zoo first"):
         toyzoo.load_toy_backbone("toy_vit", tmp_path)
-    assert not (tmp_path / "x").exists()
-
-
-def test_models_trained_in_worker_processes_equal_one_thread_training(world, tmp_path, one_thread):
-    """One-thread worker processes (one per model, the default on a multi-core CPU) give the same weights as
-    training the models in turn on one thread."""
-    from safetensors.torch import load_file
-
-    cfg = TINY.replace(models=("toy_mixer", "toy_vit", "toy_convnext"), steps=6, n_train_images=96, n_val_images=64)
-    parallel = toyzoo.train_toy_zoo(world, cfg, tmp_path / "par", progress=False, workers=3)
-    serial = toyzoo.train_toy_zoo(world, cfg, tmp_path / "ser", progress=False, workers=1)
-    assert list(parallel) == list(cfg.models)
-    for name in cfg.models:
-        a, b = load_file(tmp_path / "par" / f"{name}.safetensors"), load_file(tmp_path / "ser" / f"{name}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        assert parallel[name]["final_loss"] == serial[name]["final_loss"]
-    assert not list((tmp_path / "par").glob("*.report.json"))
-    with pytest.raises(ValueError, match="workers = 0 is not valid"):
-        toyzoo.train_toy_zoo(world, cfg, tmp_path / "bad", progress=False, workers=0)
 
 
 def test_patch_heads_score_every_token_and_ignore_absent_patches():
@@ -174,13 +141,3 @@ def test_step_scale_sets_each_models_steps():
     for bad in ((("toy_vit", 0.0),), (("toy_vit",),), ("toy_vit",)):
         with pytest.raises(ValueError, match="step_scale"):
             ZooTrainConfig(step_scale=bad)
-
-
-def test_workers_beyond_the_cores_yield_to_the_longest_remaining_ones(tmp_path):
-    assert toyzoo._yielding({"a": 300.0, "b": 150.0, "c": 160.0}, cores=2) == {"b", "c"}
-    assert toyzoo._yielding({"a": 100.0, "b": 150.0, "c": 160.0, "d": 1.0}, cores=3) == {"a", "d"}
-    assert toyzoo._yielding({"a": 300.0, "b": 150.0}, cores=2) == set()      # a core each: nobody yields
-    for name, (done, steps, cpu) in {"a": (24, 99, 12.0), "b": (49, 49, 3.0)}.items():
-        (tmp_path / f"{name}.progress.json").write_text(json.dumps({"done": done, "steps": steps, "cpu_seconds": cpu}))
-    assert toyzoo._remaining_cpu(tmp_path, ["a", "b"]) == {"a": 12.0 / 24 * 75, "b": 0.0}
-    assert toyzoo._remaining_cpu(tmp_path, ["a", "b", "c"]) is None          # c has not reported yet

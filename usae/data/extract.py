@@ -8,9 +8,8 @@ row-aligned into an :class:`~usae.data.store.ActivationStore`.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from usae.config import ExtractConfig
-from usae.data.sources import ImageSource, SourceLike, as_source
+from usae.data.sources import SourceLike, as_source
 from usae.data.standardisation import STANDARDISE_MODES, Standardisation
 from usae.data.store import ActivationStore, plain_json
 from usae.data.store_writer import StoreWriter

@@ -20,10 +20,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping as MappingABC
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm

@@ -28,7 +28,6 @@ from torch import Tensor
 from usae._checks import positive_int
 from usae.data.batches import epoch_plan
 from usae.data.standardisation import Standardisation
-from usae._checks import positive_int
 
 FORMAT = "usae-activation-store"
 VERSION = 1
